@@ -1,1 +1,49 @@
-//! placeholder
+//! NEXUS services: the rules of pairing, device sync, report ingest and live streaming.
+//! Handlers call these; these call the storage interface. Nothing here knows HTTP or SQL, so the
+//! same services serve every transport and every backend.
+
+pub mod commands;
+pub mod config;
+pub mod devices;
+pub mod error;
+pub mod hub;
+pub mod pairing;
+pub mod reports;
+pub mod stream;
+
+use std::sync::Arc;
+
+use nexus_store::Store;
+
+pub use config::CoreConfig;
+pub use error::{CoreError, CoreResult};
+
+/// Everything a transport needs, wired once at start-up.
+#[derive(Clone)]
+pub struct Services {
+    pub store: Arc<dyn Store>,
+    pub config: Arc<CoreConfig>,
+    pub hub: hub::Hub,
+    pub pairing: pairing::PairingService,
+    pub devices: devices::DeviceService,
+    pub commands: commands::CommandService,
+    pub reports: reports::ReportService,
+    pub streams: stream::StreamService,
+}
+
+impl Services {
+    pub fn new(store: Arc<dyn Store>, config: CoreConfig) -> Self {
+        let config = Arc::new(config);
+        let hub = hub::Hub::new(store.clone(), config.clone());
+        Self {
+            pairing: pairing::PairingService::new(store.clone()),
+            devices: devices::DeviceService::new(store.clone(), config.clone()),
+            commands: commands::CommandService::new(store.clone()),
+            reports: reports::ReportService::new(store.clone(), hub.clone()),
+            streams: stream::StreamService::new(store.clone(), hub.clone(), config.clone()),
+            hub,
+            store,
+            config,
+        }
+    }
+}

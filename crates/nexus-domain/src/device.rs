@@ -1,7 +1,7 @@
 //! A paired device as the rest of the system sees it; its online status is derived from its
 //! last heartbeat, so no background sweeper has to keep a flag up to date.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::ids::DeviceId;
 use crate::tenant::TenantId;
@@ -22,7 +22,7 @@ pub struct Device {
     pub metrics: serde_json::Value,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DeviceStatus {
     Online,

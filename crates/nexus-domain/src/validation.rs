@@ -1,9 +1,9 @@
 //! Field-level validation errors, collected so a client learns every problem in one answer.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One rejected field, named by its JSON path (`reports[3].meta.approval_level`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FieldError {
     pub field: String,
     pub message: String,

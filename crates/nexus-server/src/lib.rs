@@ -1,1 +1,123 @@
-//! placeholder
+//! The NEXUS HTTP server: axum routes over the services of `nexus-core`, problem+json errors,
+//! SSE, TLS and graceful shutdown. It receives its store from the caller, so it never names a
+//! concrete backend.
+
+pub mod config;
+pub mod error;
+pub mod extract;
+pub mod middleware;
+pub mod routes;
+pub mod serve;
+pub mod state;
+pub mod telemetry;
+pub mod tls;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::http::{HeaderName, HeaderValue, Method, header};
+use nexus_core::Services;
+use nexus_store::Store;
+use tokio::net::TcpListener;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
+
+pub use config::ServerConfig;
+use state::{AppState, Lifecycle};
+
+/// The HTTP application with all its layers.
+pub fn app(state: AppState) -> axum::Router {
+    let config = state.config.clone();
+    let mut router = routes::router(config.dev)
+        .with_state(state)
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        ))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(
+                "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+            ),
+        ));
+    if config.tls_enabled() {
+        // HSTS only means something over TLS; sent over plain HTTP it would be ignored or misleading.
+        router = router.layer(SetResponseHeaderLayer::if_not_present(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=63072000; includeSubDomains"),
+        ));
+    }
+    let origins: Vec<HeaderValue> = config
+        .cors_origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o.trim()).ok())
+        .collect();
+    if !origins.is_empty() {
+        router = router.layer(
+            CorsLayer::new()
+                .allow_origin(AllowOrigin::list(origins))
+                .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::DELETE])
+                .allow_headers([
+                    header::CONTENT_TYPE,
+                    header::AUTHORIZATION,
+                    HeaderName::from_static("x-org-id"),
+                    HeaderName::from_static("x-project-id"),
+                    HeaderName::from_static("x-correlation-id"),
+                    HeaderName::from_static("last-event-id"),
+                ])
+                .expose_headers([HeaderName::from_static("x-correlation-id")]),
+        );
+    }
+    router.layer(axum::middleware::from_fn(middleware::request_context))
+}
+
+/// Runs the server on `listener` until `shutdown` resolves, then shuts down gracefully:
+/// readiness turns 503, (after `shutdown_delay`) new connections are refused, SSE streams end,
+/// in-flight requests finish within `drain_timeout`, and the store is flushed and closed.
+pub async fn launch(
+    config: ServerConfig,
+    store: Arc<dyn Store>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+        _ => None,
+    };
+    let config = Arc::new(config);
+    let lifecycle = Lifecycle::default();
+    let services = Services::new(store.clone(), config.core());
+    let state = AppState {
+        services,
+        config: config.clone(),
+        lifecycle: lifecycle.clone(),
+    };
+    let address = listener.local_addr()?;
+    tracing::info!(%address, tls = tls.is_some(), dev = config.dev, "NEXUS is listening");
+
+    let stop_accepting = {
+        let lifecycle = lifecycle.clone();
+        let delay = config.shutdown_delay;
+        async move {
+            shutdown.await;
+            tracing::info!("shutdown requested: draining");
+            lifecycle.start_draining();
+            tokio::time::sleep(delay).await;
+        }
+    };
+    let graceful = serve::accept_until(listener, app(state), tls, stop_accepting).await;
+    lifecycle.streams_closing.cancel();
+    if tokio::time::timeout(config.drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(timeout = ?config.drain_timeout, "drain timeout reached; closing remaining connections");
+    }
+    store.close().await;
+    tracing::info!("NEXUS stopped");
+    Ok(())
+}

@@ -1,1 +1,128 @@
-fn main() {}
+//! `nexus`: one binary for the control plane (`nexus server`) and, later, the device agent and the
+//! admin commands. `main` stays thin: parse the command line, set up logging, pick the backend, run.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use nexus_server::ServerConfig;
+use nexus_store::Store;
+use nexus_store_sqlite::{SqliteConfig, SqliteStore};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nexus",
+    version,
+    about = "NEXUS: the control plane for AI agents on people's own computers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the control plane (HTTP API + live streams). Zero configuration: data goes to
+    /// ./nexus-data in an embedded SQLite database.
+    Server(ServerConfig),
+    /// Print the OpenAPI 3.1 document of the HTTP API.
+    Openapi,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Openapi => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&nexus_server::routes::openapi())?
+            );
+            Ok(())
+        }
+        Command::Server(config) => {
+            nexus_server::telemetry::init(&config.log);
+            raise_open_file_limit();
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(run_server(config))
+        }
+    }
+}
+
+async fn run_server(config: ServerConfig) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
+    let _lock = lock_data_dir(&config.data_dir)?;
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(
+            &config.data_dir.join("nexus.db"),
+            SqliteConfig {
+                read_connections: config.db_read_connections,
+                ..SqliteConfig::default()
+            },
+        )
+        .await?,
+    );
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    nexus_server::launch(config, store, listener, shutdown_signal()).await
+}
+
+/// Two servers on one embedded database would corrupt each other's view; refuse the second.
+fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+    let path = dir.join("nexus.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    file.try_lock().map_err(|_| {
+        anyhow::anyhow!(
+            "another NEXUS server is using the data directory {}",
+            dir.display()
+        )
+    })?;
+    Ok(file)
+}
+
+/// Every SSE subscriber holds a socket; the default soft limit (often 1024) is far too low.
+fn raise_open_file_limit() {
+    if let Ok((soft, hard)) = rlimit::Resource::NOFILE.get()
+        && soft < hard
+        && let Err(e) = rlimit::Resource::NOFILE.set(hard, hard)
+    {
+        tracing::warn!(error = %e, "could not raise the open file limit");
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

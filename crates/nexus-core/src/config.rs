@@ -1,0 +1,39 @@
+//! Tunables of the services, with the defaults DESIGN.md and the issues ask for.
+
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// How often devices are expected to heartbeat.
+    pub heartbeat_interval: Duration,
+    /// A device is offline after this many missed heartbeats.
+    pub missed_heartbeats_offline: u32,
+    /// How many events behind the live position a resume may be before it gets a snapshot instead.
+    pub replay_buffer: u64,
+    /// Per-session live queue; a subscriber further behind than this is disconnected (it resumes).
+    pub subscriber_queue: usize,
+    /// How long the hub waits for an out-of-order event before reading the gap from the store.
+    pub gap_fill_after: Duration,
+    /// How long a validated device token is trusted without asking the store again.
+    pub credential_cache_ttl: Duration,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(30),
+            missed_heartbeats_offline: 3,
+            replay_buffer: 1000,
+            subscriber_queue: 1024,
+            gap_fill_after: Duration::from_millis(50),
+            credential_cache_ttl: Duration::from_secs(10),
+        }
+    }
+}
+
+impl CoreConfig {
+    pub fn offline_after_millis(&self) -> i64 {
+        let ms = self.heartbeat_interval.as_millis() * u128::from(self.missed_heartbeats_offline);
+        i64::try_from(ms).unwrap_or(i64::MAX)
+    }
+}

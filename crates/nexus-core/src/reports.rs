@@ -1,0 +1,67 @@
+//! Report ingest: validate everything first (all or nothing), store durably, then fan out.
+
+use std::sync::Arc;
+
+use nexus_domain::report::ValidatedReport;
+use nexus_domain::time::Millis;
+use nexus_domain::{DeviceId, FieldError, TenantId, ValidationErrors};
+use nexus_store::{AppendedEvent, Store};
+
+use crate::error::{CoreError, CoreResult};
+use crate::hub::Hub;
+
+/// Most reports one request may carry.
+pub const MAX_REPORTS_PER_REQUEST: usize = 100;
+
+#[derive(Clone)]
+pub struct ReportService {
+    store: Arc<dyn Store>,
+    hub: Hub,
+}
+
+impl ReportService {
+    pub fn new(store: Arc<dyn Store>, hub: Hub) -> Self {
+        Self { store, hub }
+    }
+
+    /// Validates raw reports; on any error nothing is stored and every error is returned.
+    pub fn validate(raw: &[serde_json::Value]) -> CoreResult<Vec<ValidatedReport>> {
+        if raw.len() > MAX_REPORTS_PER_REQUEST {
+            return Err(CoreError::TooLarge {
+                code: "too_many_reports",
+                detail: format!("at most {MAX_REPORTS_PER_REQUEST} reports per request"),
+            });
+        }
+        let mut errors: Vec<FieldError> = Vec::new();
+        let mut valid = Vec::with_capacity(raw.len());
+        for (i, value) in raw.iter().enumerate() {
+            match ValidatedReport::parse(value) {
+                Ok(report) => valid.push(report),
+                Err(e) => errors.extend(e.prefixed(&format!("reports[{i}]")).0),
+            }
+        }
+        if errors.is_empty() {
+            Ok(valid)
+        } else {
+            Err(ValidationErrors(errors).into())
+        }
+    }
+
+    /// Stores the reports (durable when this returns) and publishes the new events live.
+    pub async fn ingest(
+        &self,
+        tenant: &TenantId,
+        device: Option<&DeviceId>,
+        reports: &[ValidatedReport],
+        now: Millis,
+    ) -> CoreResult<Vec<AppendedEvent>> {
+        let appended = self
+            .store
+            .append_reports(tenant, device, reports, now)
+            .await?;
+        for event in appended.iter().filter(|e| !e.duplicate) {
+            self.hub.publish(tenant, event.event.clone());
+        }
+        Ok(appended)
+    }
+}

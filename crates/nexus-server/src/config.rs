@@ -1,0 +1,100 @@
+//! Server configuration: every flag has a `NEXUS_*` environment twin, documented by
+//! `nexus server --help`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+fn duration(raw: &str) -> Result<Duration, String> {
+    humantime::parse_duration(raw).map_err(|e| format!("{e} (examples: 500ms, 30s, 5m)"))
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    #[arg(long, env = "NEXUS_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Directory for the embedded database and other state.
+    #[arg(long, env = "NEXUS_DATA_DIR", default_value = "./nexus-data")]
+    pub data_dir: PathBuf,
+
+    /// Enable the /devtools endpoints (never in production).
+    #[arg(long, env = "NEXUS_DEV", default_value_t = false)]
+    pub dev: bool,
+
+    /// PEM certificate chain; with --tls-key, serve HTTPS (TLS 1.2/1.3, h2 and http/1.1).
+    #[arg(long, env = "NEXUS_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "NEXUS_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Comma-separated origins allowed by CORS (e.g. https://console.example.com). Empty: none.
+    #[arg(long, env = "NEXUS_CORS_ORIGINS", value_delimiter = ',', num_args = 0..)]
+    pub cors_origins: Vec<String>,
+
+    /// Log filter (tracing EnvFilter syntax), e.g. info or nexus=debug.
+    #[arg(long, env = "NEXUS_LOG", default_value = "info")]
+    pub log: String,
+
+    /// Expected interval between device heartbeats.
+    #[arg(long, env = "NEXUS_HEARTBEAT_INTERVAL", default_value = "30s", value_parser = duration)]
+    pub heartbeat_interval: Duration,
+
+    /// Missed heartbeats after which a device counts as offline.
+    #[arg(long, env = "NEXUS_OFFLINE_AFTER_MISSED", default_value_t = 3)]
+    pub offline_after_missed: u32,
+
+    /// Interval of SSE `ping` events.
+    #[arg(long, env = "NEXUS_SSE_PING_INTERVAL", default_value = "30s", value_parser = duration)]
+    pub sse_ping_interval: Duration,
+
+    /// Close an SSE connection that carried only pings for this long (the client resumes).
+    #[arg(long, env = "NEXUS_SSE_IDLE_TIMEOUT", default_value = "5m", value_parser = duration)]
+    pub sse_idle_timeout: Duration,
+
+    /// Reconnect delay suggested to SSE clients (`retry:`).
+    #[arg(long, env = "NEXUS_SSE_RETRY", default_value = "1s", value_parser = duration)]
+    pub sse_retry: Duration,
+
+    /// Events per session a resuming client may be behind before it gets a snapshot instead.
+    #[arg(long, env = "NEXUS_SSE_REPLAY_BUFFER", default_value_t = 1000)]
+    pub sse_replay_buffer: u64,
+
+    /// Live events a subscriber may fall behind before it is disconnected (it resumes).
+    #[arg(long, env = "NEXUS_SSE_QUEUE", default_value_t = 1024)]
+    pub sse_queue: usize,
+
+    /// On SIGTERM/SIGINT, keep serving (with /health/ready at 503) this long so load balancers
+    /// notice, before refusing new connections.
+    #[arg(long, env = "NEXUS_SHUTDOWN_DELAY", default_value = "0s", value_parser = duration)]
+    pub shutdown_delay: Duration,
+
+    /// Longest wait for in-flight requests to finish during shutdown.
+    #[arg(long, env = "NEXUS_DRAIN_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub drain_timeout: Duration,
+
+    /// Connections used for database reads.
+    #[arg(long, env = "NEXUS_DB_READ_CONNECTIONS", default_value_t = 4)]
+    pub db_read_connections: u32,
+}
+
+impl ServerConfig {
+    pub fn core(&self) -> nexus_core::CoreConfig {
+        nexus_core::CoreConfig {
+            heartbeat_interval: self.heartbeat_interval,
+            missed_heartbeats_offline: self.offline_after_missed,
+            replay_buffer: self.sse_replay_buffer,
+            subscriber_queue: self.sse_queue,
+            ..nexus_core::CoreConfig::default()
+        }
+    }
+
+    pub fn tls_enabled(&self) -> bool {
+        self.tls_cert.is_some()
+    }
+}

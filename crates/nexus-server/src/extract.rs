@@ -1,0 +1,214 @@
+//! Extractors: where raw requests become domain types. Tenant scoping and device authentication
+//! each live in exactly one extractor, so handlers cannot skip them and the identity issue can
+//! put user authentication in front of `Tenant` without touching any handler.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, RawPathParams, Request};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use nexus_core::devices::AuthenticatedDevice;
+use nexus_domain::{FieldError, TenantId, ValidationErrors};
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Default cap for JSON bodies.
+pub const DEFAULT_BODY_LIMIT: usize = 64 * 1024;
+/// Cap for report pushes (DESIGN: at most 1 MiB per request).
+pub const REPORT_BODY_LIMIT: usize = 1024 * 1024;
+
+/// A JSON body, read with a size cap and parsed with precise, problem+json errors:
+/// 413 when too large, 415 when not JSON, 400 when malformed, 422 naming the field when the
+/// shape is wrong.
+pub struct ApiJson<T, const LIMIT: usize = DEFAULT_BODY_LIMIT>(pub T);
+
+impl<S, T, const LIMIT: usize> FromRequest<S> for ApiJson<T, LIMIT>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        let is_json = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|mime| {
+                let mime = mime.trim().to_ascii_lowercase();
+                mime == "application/json"
+                    || (mime.starts_with("application/") && mime.ends_with("+json"))
+            });
+        if is_json != Some(true) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as JSON with content-type: application/json",
+            ));
+        }
+        if let Some(length) = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            && length > LIMIT
+        {
+            return Err(too_large(LIMIT));
+        }
+        let bytes: Bytes = axum::body::to_bytes(request.into_body(), LIMIT)
+            .await
+            .map_err(|_| too_large(LIMIT))?;
+        parse_json(&bytes).map(ApiJson)
+    }
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        format!("the body must be at most {limit} bytes"),
+    )
+}
+
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value: Result<T, _> = serde_path_to_error::deserialize(&mut de);
+    if value.is_ok() {
+        de.end().map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "malformed_json",
+                format!("the body is not valid JSON: {e}"),
+            )
+        })?;
+    }
+    value.map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() || inner.is_io() {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "malformed_json",
+                format!("the body is not valid JSON: {inner}"),
+            )
+        } else {
+            let message = inner.to_string();
+            let missing = message
+                .strip_prefix("missing field `")
+                .and_then(|r| r.split('`').next());
+            let field = match (path.as_str(), missing) {
+                (".", Some(name)) => name.to_owned(),
+                (p, Some(name)) => format!("{p}.{name}"),
+                (".", None) => String::new(),
+                (p, None) => p.to_owned(),
+            };
+            // Strip serde's "at line x column y" position: the field name says more.
+            let message = message
+                .split(" at line ")
+                .next()
+                .unwrap_or(&message)
+                .to_owned();
+            ApiError::validation(ValidationErrors(vec![FieldError::new(field, message)]))
+        }
+    })
+}
+
+/// The tenant a web request acts in (`x-org-id` + `x-project-id`, DESIGN.md §3).
+/// The single place where tenant access is decided.
+#[derive(Debug, Clone)]
+pub struct Tenant(pub TenantId);
+
+fn header_str<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
+    parts.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn tenant_from_headers(parts: &Parts) -> Result<Option<TenantId>, ApiError> {
+    match (
+        header_str(parts, "x-org-id"),
+        header_str(parts, "x-project-id"),
+    ) {
+        (None, None) => Ok(None),
+        (Some(org), Some(project)) => {
+            let tenant = TenantId::parse(org, project).map_err(|e| {
+                let mut err = ApiError::validation(e);
+                err.status = StatusCode::BAD_REQUEST;
+                err.code = "invalid_tenant";
+                err.detail =
+                    "x-org-id and x-project-id must be 1 to 64 letters, digits, '-', '_' or '.'"
+                        .into();
+                err
+            })?;
+            tracing::Span::current().record("tenant_id", tracing::field::display(&tenant));
+            Ok(Some(tenant))
+        }
+        _ => Err(tenant_required()),
+    }
+}
+
+fn tenant_required() -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "tenant_required",
+        "send both x-org-id and x-project-id headers",
+    )
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Tenant {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        tenant_from_headers(parts)?
+            .map(Tenant)
+            .ok_or_else(tenant_required)
+    }
+}
+
+/// Tenant headers where they are optional (a device may name its tenant when it starts pairing).
+#[derive(Debug, Clone)]
+pub struct OptionalTenant(pub Option<TenantId>);
+
+impl<S: Send + Sync> FromRequestParts<S> for OptionalTenant {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        tenant_from_headers(parts).map(OptionalTenant)
+    }
+}
+
+/// A device authenticated by its bearer token, for the device named in the path (`{id}`).
+/// Its tenant comes from the token, never from what the device sends.
+#[derive(Debug, Clone)]
+pub struct Device(pub AuthenticatedDevice);
+
+impl FromRequestParts<AppState> for Device {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let params = RawPathParams::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::not_found())?;
+        let path_device = params
+            .iter()
+            .find(|(k, _)| *k == "id")
+            .map(|(_, v)| v.to_owned())
+            .ok_or_else(ApiError::not_found)?;
+        let bearer = header_str(parts, header::AUTHORIZATION.as_str()).and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
+        let device = state
+            .services
+            .devices
+            .authenticate(bearer, &path_device)
+            .await?;
+        let span = tracing::Span::current();
+        span.record("device_id", tracing::field::display(&device.device_id));
+        span.record("tenant_id", tracing::field::display(&device.tenant));
+        Ok(Device(device))
+    }
+}

@@ -1,0 +1,89 @@
+//! The HTTP surface: one module per resource, assembled here with the OpenAPI document.
+
+pub mod devices;
+pub mod devtools;
+pub mod health;
+pub mod pairing;
+pub mod stream;
+
+use axum::Json;
+use axum::response::IntoResponse;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "NEXUS API", description = "Control plane for AI agents on people's own computers. Errors are RFC 9457 problem+json with a stable `code`."),
+    modifiers(&DeviceTokenScheme),
+    tags((name = "pairing"), (name = "devices"), (name = "stream"), (name = "health"), (name = "devtools", description = "Only with --dev"))
+)]
+struct ApiDoc;
+
+struct DeviceTokenScheme;
+
+impl utoipa::Modify for DeviceTokenScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "device_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("nxd_…")
+                    .build(),
+            ),
+        );
+    }
+}
+
+fn api_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(pairing::start))
+        .routes(routes!(pairing::confirm_by_code))
+        .routes(routes!(pairing::complete))
+        .routes(routes!(devices::heartbeat))
+        .routes(routes!(devices::commands))
+        .routes(routes!(devices::ack))
+        .routes(routes!(devices::push_reports))
+        .routes(routes!(stream::stream))
+        .routes(routes!(health::health))
+        .routes(routes!(health::live))
+        .routes(routes!(health::ready))
+}
+
+fn devtools_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(devtools::emit_report))
+        .routes(routes!(devtools::devices))
+        .routes(routes!(devtools::enqueue_command))
+}
+
+/// The OpenAPI 3.1 document of the whole API (dev tools included, marked as such).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let (_, mut api) = api_routes().split_for_parts();
+    let (_, dev) = devtools_routes().split_for_parts();
+    api.merge(dev);
+    api
+}
+
+/// The router: API routes, dev tools when enabled, `/openapi.json`, problem+json 404/405.
+pub fn router(dev: bool) -> axum::Router<AppState> {
+    let (mut router, _) = api_routes().split_for_parts();
+    if dev {
+        let (dev_router, _) = devtools_routes().split_for_parts();
+        router = router.merge(dev_router);
+    }
+    let document = openapi();
+    router
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || async move { Json(document.clone()) }),
+        )
+        .fallback(|| async { ApiError::not_found().into_response() })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed().into_response() })
+}
