@@ -14,6 +14,8 @@ pub struct CoreConfig {
     pub subscriber_queue: usize,
     /// How long the hub waits for an out-of-order event before reading the gap from the store.
     pub gap_fill_after: Duration,
+    /// How long a pairing code stays valid.
+    pub pairing_ttl: Duration,
     /// How long a validated device token is trusted without asking the store again.
     pub credential_cache_ttl: Duration,
 }
@@ -22,6 +24,9 @@ impl Default for CoreConfig {
     fn default() -> Self {
         Self {
             heartbeat_interval: Duration::from_secs(30),
+            pairing_ttl: Duration::from_millis(
+                u64::try_from(nexus_domain::pairing::PAIRING_TTL_MILLIS).unwrap_or(300_000),
+            ),
             missed_heartbeats_offline: 3,
             replay_buffer: 1000,
             subscriber_queue: 1024,

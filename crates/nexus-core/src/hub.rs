@@ -101,7 +101,14 @@ impl Hub {
             let channel = sessions
                 .entry(key.clone())
                 .or_insert_with(|| {
-                    let (sender, _) = broadcast::channel(self.inner.config.subscriber_queue.max(1));
+                    // Never smaller than one request's worth of reports, or a single push could cut off
+                    // every subscriber that is not scheduled while it is delivered.
+                    let capacity = self
+                        .inner
+                        .config
+                        .subscriber_queue
+                        .max(crate::reports::MAX_REPORTS_PER_REQUEST);
+                    let (sender, _) = broadcast::channel(capacity);
                     Arc::new(SessionChannel {
                         key,
                         sender,

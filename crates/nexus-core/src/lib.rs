@@ -36,7 +36,7 @@ impl Services {
         let config = Arc::new(config);
         let hub = hub::Hub::new(store.clone(), config.clone());
         Self {
-            pairing: pairing::PairingService::new(store.clone()),
+            pairing: pairing::PairingService::new(store.clone(), &config),
             devices: devices::DeviceService::new(store.clone(), config.clone()),
             commands: commands::CommandService::new(store.clone()),
             reports: reports::ReportService::new(store.clone(), hub.clone()),

@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 
-use nexus_domain::pairing::PAIRING_TTL_MILLIS;
 use nexus_domain::secret::{SecretHash, random_secret};
 use nexus_domain::time::Millis;
 use nexus_domain::validation::check_token_chars;
@@ -78,11 +77,15 @@ pub struct PairingCompleted {
 #[derive(Clone)]
 pub struct PairingService {
     store: Arc<dyn Store>,
+    ttl_millis: Millis,
 }
 
 impl PairingService {
-    pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+    pub fn new(store: Arc<dyn Store>, config: &crate::CoreConfig) -> Self {
+        Self {
+            store,
+            ttl_millis: i64::try_from(config.pairing_ttl.as_millis()).unwrap_or(i64::MAX),
+        }
     }
 
     pub async fn start(
@@ -105,7 +108,7 @@ impl PairingService {
                 state: PairingState::Pending,
                 device_id: None,
                 created_at: now,
-                expires_at: now + PAIRING_TTL_MILLIS,
+                expires_at: now.saturating_add(self.ttl_millis),
             };
             match self.store.create_pairing(&pairing, now).await {
                 Ok(()) => {

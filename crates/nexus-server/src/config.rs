@@ -49,6 +49,10 @@ pub struct ServerConfig {
     #[arg(long, env = "NEXUS_OFFLINE_AFTER_MISSED", default_value_t = 3)]
     pub offline_after_missed: u32,
 
+    /// How long a pairing code stays valid.
+    #[arg(long, env = "NEXUS_PAIRING_TTL", default_value = "5m", value_parser = duration)]
+    pub pairing_ttl: Duration,
+
     /// Interval of SSE `ping` events.
     #[arg(long, env = "NEXUS_SSE_PING_INTERVAL", default_value = "30s", value_parser = duration)]
     pub sse_ping_interval: Duration,
@@ -66,6 +70,7 @@ pub struct ServerConfig {
     pub sse_replay_buffer: u64,
 
     /// Live events a subscriber may fall behind before it is disconnected (it resumes).
+    /// At least 100 (one push request's worth).
     #[arg(long, env = "NEXUS_SSE_QUEUE", default_value_t = 1024)]
     pub sse_queue: usize,
 
@@ -90,6 +95,7 @@ impl ServerConfig {
             missed_heartbeats_offline: self.offline_after_missed,
             replay_buffer: self.sse_replay_buffer,
             subscriber_queue: self.sse_queue,
+            pairing_ttl: self.pairing_ttl,
             ..nexus_core::CoreConfig::default()
         }
     }

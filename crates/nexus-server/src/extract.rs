@@ -6,6 +6,7 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, RawPathParams, Request};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
+use futures::StreamExt;
 use nexus_core::devices::AuthenticatedDevice;
 use nexus_domain::{FieldError, TenantId, ValidationErrors};
 use serde::de::DeserializeOwned;
@@ -48,19 +49,42 @@ where
                 "send the body as JSON with content-type: application/json",
             ));
         }
-        if let Some(length) = request
+        let declared = request
             .headers()
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok())
-            && length > LIMIT
-        {
-            return Err(too_large(LIMIT));
+            .and_then(|v| v.parse::<usize>().ok());
+        let mut body = request.into_body().into_data_stream();
+        let mut bytes = Vec::with_capacity(declared.unwrap_or(0).min(LIMIT));
+        while let Some(chunk) = body.next().await {
+            let chunk: Bytes = chunk.map_err(|_| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "body_read_failed",
+                    "the request body could not be read",
+                )
+            })?;
+            if bytes.len() + chunk.len() > LIMIT {
+                drain(body).await;
+                return Err(too_large(LIMIT));
+            }
+            bytes.extend_from_slice(&chunk);
         }
-        let bytes: Bytes = axum::body::to_bytes(request.into_body(), LIMIT)
-            .await
-            .map_err(|_| too_large(LIMIT))?;
         parse_json(&bytes).map(ApiJson)
+    }
+}
+
+/// Reads and discards the rest of an oversized body (up to a bound) so the 413 reaches the client:
+/// closing a socket with unread input makes the kernel reset the connection, and the client would
+/// see "connection reset" instead of our answer. Beyond the bound we stop and accept that.
+async fn drain(mut body: axum::body::BodyDataStream) {
+    const DRAIN_LIMIT: usize = 8 * 1024 * 1024;
+    let mut drained = 0;
+    while drained < DRAIN_LIMIT {
+        match body.next().await {
+            Some(Ok(chunk)) => drained += chunk.len(),
+            _ => break,
+        }
     }
 }
 

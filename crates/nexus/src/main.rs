@@ -25,7 +25,7 @@ struct Cli {
 enum Command {
     /// Run the control plane (HTTP API + live streams). Zero configuration: data goes to
     /// ./nexus-data in an embedded SQLite database.
-    Server(ServerConfig),
+    Server(Box<ServerConfig>),
     /// Print the OpenAPI 3.1 document of the HTTP API.
     Openapi,
 }
@@ -47,7 +47,7 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?
-                .block_on(run_server(config))
+                .block_on(run_server(*config))
         }
     }
 }

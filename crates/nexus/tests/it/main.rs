@@ -1,0 +1,10 @@
+//! Integration tests: every test starts the real `nexus` binary (built once by cargo for all of
+//! them) on a random port with its own temporary data directory, and speaks HTTP to it.
+
+mod support;
+
+mod lifecycle;
+mod pairing;
+mod reports;
+mod stream;
+mod wire;

@@ -1,0 +1,429 @@
+//! The test harness: `TestServer::start()` launches the real server process, and typed helpers
+//! speak the device and web protocols to it.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+pub const ORG: &str = "acme";
+pub const PROJECT: &str = "web";
+
+pub struct TestServer {
+    child: Option<Child>,
+    pub base: String,
+    pub data_dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    pub logs: Arc<Mutex<Vec<String>>>,
+    pub http: reqwest::Client,
+    args: Vec<String>,
+}
+
+impl TestServer {
+    /// A dev-mode server with default settings.
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    pub async fn start_with(extra: &[&str]) -> Self {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let data_dir = temp.path().join("data");
+        let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Self::spawn(data_dir, Some(temp), args, "http").await
+    }
+
+    /// Starts the server again on the same data directory (new port).
+    pub async fn restart(mut self) -> Self {
+        let status = self.stop().await;
+        assert!(status.success(), "server exited with {status}");
+        let temp = self._temp.take();
+        let (data_dir, args) = (self.data_dir.clone(), self.args.clone());
+        Self::spawn(data_dir, temp, args, "http").await
+    }
+
+    pub async fn spawn(
+        data_dir: PathBuf,
+        temp: Option<tempfile::TempDir>,
+        args: Vec<String>,
+        scheme: &str,
+    ) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_nexus"));
+        command
+            .arg("server")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(if args.iter().any(|a| a == "--no-dev") {
+                None
+            } else {
+                Some("--dev")
+            })
+            .arg("--log")
+            .arg("debug,sqlx=warn,hyper=info,h2=info,rustls=info")
+            .args(args.iter().filter(|a| *a != "--no-dev"))
+            .env_remove("NEXUS_LISTEN")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("spawn nexus");
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel::<String>();
+        {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if let Ok(v) = serde_json::from_str::<Value>(&line)
+                        && v["message"] == "NEXUS is listening"
+                        && let Some(a) = v["address"].as_str()
+                    {
+                        let _ = addr_tx.send(a.to_owned());
+                    }
+                    logs.lock().expect("logs").push(line);
+                }
+            });
+        }
+        {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    logs.lock().expect("logs").push(format!("stderr: {line}"));
+                }
+            });
+        }
+        let address =
+            tokio::task::spawn_blocking(move || addr_rx.recv_timeout(Duration::from_secs(30)))
+                .await
+                .expect("join")
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "server did not start; logs:\n{}",
+                        logs.lock().expect("logs").join("\n")
+                    )
+                });
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("client");
+        Self {
+            child: Some(child),
+            base: format!("{scheme}://{address}"),
+            data_dir,
+            _temp: temp,
+            logs,
+            http,
+            args,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub async fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        self.wait_exit(Duration::from_secs(30)).await
+    }
+
+    pub async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let waited = tokio::task::spawn_blocking(move || {
+            let deadline = std::time::Instant::now() + limit;
+            loop {
+                if let Some(status) = child.try_wait().expect("wait") {
+                    return Ok(status);
+                }
+                if std::time::Instant::now() > deadline {
+                    let _ = child.kill();
+                    return Err(child.wait());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+        .await
+        .expect("join");
+        waited.unwrap_or_else(|_| panic!("server did not exit within {limit:?}"))
+    }
+
+    pub fn log_text(&self) -> String {
+        self.logs.lock().expect("logs").join("\n")
+    }
+
+    pub fn web(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, self.url(path))
+            .header("x-org-id", ORG)
+            .header("x-project-id", PROJECT)
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = self
+            .web(reqwest::Method::POST, path)
+            .json(body)
+            .send()
+            .await
+            .expect("send");
+        status_json(r).await
+    }
+
+    /// Pairs a device into the default tenant and returns it.
+    pub async fn pair_device(&self, name: &str) -> PairedDevice {
+        self.pair_device_in(name, ORG, PROJECT).await
+    }
+
+    pub async fn pair_device_in(&self, name: &str, org: &str, project: &str) -> PairedDevice {
+        let (s, start) = status_json(
+            self.http
+                .post(self.url("/devices/pairing/start"))
+                .json(&json!({"device_name": name, "capabilities": ["fs.read"]}))
+                .send()
+                .await
+                .expect("start"),
+        )
+        .await;
+        assert_eq!(s, 200, "{start}");
+        let (s, confirm) = status_json(
+            self.http
+                .post(self.url("/devices/pairing/confirm_by_code"))
+                .header("x-org-id", org)
+                .header("x-project-id", project)
+                .json(&json!({"pairing_code": start["pairing_code"]}))
+                .send()
+                .await
+                .expect("confirm"),
+        )
+        .await;
+        assert_eq!(s, 200, "{confirm}");
+        let (s, done) = status_json(
+            self.http
+                .post(self.url("/devices/pairing/complete"))
+                .json(&json!({"pairing_id": start["pairing_id"], "device_nonce": start["device_nonce"]}))
+                .send()
+                .await
+                .expect("complete"),
+        )
+        .await;
+        assert_eq!(s, 200, "{done}");
+        PairedDevice {
+            id: done["device_id"].as_str().expect("id").to_owned(),
+            token: done["device_token"].as_str().expect("token").to_owned(),
+        }
+    }
+
+    pub fn device(
+        &self,
+        method: reqwest::Method,
+        device: &PairedDevice,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, self.url(&format!("/devices/{}{path}", device.id)))
+            .bearer_auth(&device.token)
+    }
+
+    /// Pushes reports and returns their event ids.
+    pub async fn push(&self, device: &PairedDevice, reports: Vec<Value>) -> Vec<u64> {
+        let r = self
+            .device(reqwest::Method::POST, device, "/reports")
+            .json(&json!({ "reports": reports }))
+            .send()
+            .await
+            .expect("push");
+        let (s, body) = status_json(r).await;
+        assert_eq!(s, 200, "{body}");
+        body["event_ids"]
+            .as_array()
+            .expect("ids")
+            .iter()
+            .map(|v| v.as_u64().expect("id"))
+            .collect()
+    }
+
+    /// Opens the SSE stream of a session, optionally resuming after `last_event_id`.
+    pub async fn subscribe(&self, session: &str, last_event_id: Option<u64>) -> SseClient {
+        let mut request = self.web(
+            reqwest::Method::GET,
+            &format!("/agent/reports/stream?session_id={session}"),
+        );
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id.to_string());
+        }
+        SseClient::open(request).await
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PairedDevice {
+    pub id: String,
+    pub token: String,
+}
+
+pub async fn status_json(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// A minimal report for `session`.
+pub fn report(session: &str, report_id: &str) -> Value {
+    json!({"meta": {"report_id": report_id, "created_at": "2026-02-03T10:00:00+0900", "session_id": session}})
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub event: String,
+    pub data: String,
+    pub retry: Option<u64>,
+}
+
+impl SseEvent {
+    pub fn id_u64(&self) -> u64 {
+        self.id
+            .as_deref()
+            .expect("event id")
+            .parse()
+            .expect("numeric id")
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.data).expect("json data")
+    }
+}
+
+/// Reads `text/event-stream` per the WHATWG parsing rules we rely on (id, event, data, retry).
+pub struct SseClient {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    body: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buffer: String,
+    pub ended: bool,
+}
+
+impl SseClient {
+    pub async fn open(request: reqwest::RequestBuilder) -> Self {
+        let response = request
+            .timeout(Duration::from_secs(600))
+            .send()
+            .await
+            .expect("open stream");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        Self {
+            status,
+            headers,
+            body: Box::pin(response.bytes_stream()),
+            buffer: String::new(),
+            ended: false,
+        }
+    }
+
+    /// The next event (including the retry-only block), or None when the server ended the stream.
+    pub async fn next_event(&mut self, limit: Duration) -> Option<SseEvent> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(pos) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..pos + 2).collect();
+                let mut event = SseEvent {
+                    id: None,
+                    event: "message".into(),
+                    data: String::new(),
+                    retry: None,
+                };
+                let mut data_lines = Vec::new();
+                for line in block.lines() {
+                    let (field, value) = line
+                        .split_once(':')
+                        .map_or((line, ""), |(f, v)| (f, v.strip_prefix(' ').unwrap_or(v)));
+                    match field {
+                        "id" => event.id = Some(value.to_owned()),
+                        "event" => event.event = value.to_owned(),
+                        "data" => data_lines.push(value.to_owned()),
+                        "retry" => event.retry = value.parse().ok(),
+                        _ => {}
+                    }
+                }
+                event.data = data_lines.join("\n");
+                return Some(event);
+            }
+            if self.ended {
+                return None;
+            }
+            match tokio::time::timeout_at(deadline, self.body.next()).await {
+                Err(_) => panic!("no SSE event within {limit:?}; buffered: {:?}", self.buffer),
+                Ok(None) => self.ended = true,
+                Ok(Some(Err(e))) => panic!("stream error: {e}"),
+                Ok(Some(Ok(chunk))) => self.buffer.push_str(&String::from_utf8_lossy(&chunk)),
+            }
+        }
+    }
+
+    /// Skips `retry` blocks and pings; returns the next snapshot or report.
+    pub async fn next_data(&mut self, limit: Duration) -> Option<SseEvent> {
+        loop {
+            let event = self.next_event(limit).await?;
+            if event.event == "snapshot" || event.event == "report" {
+                return Some(event);
+            }
+        }
+    }
+
+    /// Collects `n` report events.
+    pub async fn reports(&mut self, n: usize, limit: Duration) -> Vec<SseEvent> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            match self.next_data(limit).await {
+                Some(e) if e.event == "report" => out.push(e),
+                Some(_) => {}
+                None => panic!("stream ended after {} of {n} reports", out.len()),
+            }
+        }
+        out
+    }
+}
+
+pub fn assert_problem(status: u16, body: &Value, expected_status: u16, code: &str) {
+    assert_eq!(status, expected_status, "{body}");
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["status"], expected_status, "{body}");
+    assert!(
+        body["type"].as_str().is_some_and(|t| !t.is_empty()),
+        "{body}"
+    );
+    assert!(
+        body["title"].is_string() && body["detail"].is_string(),
+        "{body}"
+    );
+    assert!(body["correlation_id"].is_string(), "{body}");
+}
