@@ -236,3 +236,38 @@ impl FromRequestParts<AppState> for Device {
         Ok(Device(device))
     }
 }
+
+/// Query parameters with the same error contract as bodies: 422 naming the parameter.
+pub struct ApiQuery<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiQuery<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or("");
+        let deserializer = serde_urlencoded::Deserializer::new(form_urlencoded_parse(query));
+        serde_path_to_error::deserialize(deserializer)
+            .map(ApiQuery)
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let message = e.into_inner().to_string();
+                let missing = message
+                    .strip_prefix("missing field `")
+                    .and_then(|r| r.split('`').next());
+                let field = match (path.as_str(), missing) {
+                    (_, Some(name)) => name.to_owned(),
+                    (".", None) => String::new(),
+                    (p, None) => p.to_owned(),
+                };
+                ApiError::validation(ValidationErrors(vec![FieldError::new(field, message)]))
+            })
+    }
+}
+
+fn form_urlencoded_parse(query: &str) -> form_urlencoded::Parse<'_> {
+    form_urlencoded::parse(query.as_bytes())
+}

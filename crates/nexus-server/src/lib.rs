@@ -2,6 +2,7 @@
 //! SSE, TLS and graceful shutdown. It receives its store from the caller, so it never names a
 //! concrete backend.
 
+pub mod apidoc;
 pub mod config;
 pub mod error;
 pub mod extract;

@@ -26,18 +26,24 @@ enum Command {
     /// Run the control plane (HTTP API + live streams). Zero configuration: data goes to
     /// ./nexus-data in an embedded SQLite database.
     Server(Box<ServerConfig>),
-    /// Print the OpenAPI 3.1 document of the HTTP API.
-    Openapi,
+    /// Print the OpenAPI 3.1 document of the HTTP API (or, with --markdown, the API reference).
+    Openapi {
+        /// Render the Markdown reference (docs/API.md) instead of JSON.
+        #[arg(long)]
+        markdown: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Openapi => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&nexus_server::routes::openapi())?
-            );
+        Command::Openapi { markdown } => {
+            let document = serde_json::to_value(nexus_server::routes::openapi())?;
+            if markdown {
+                print!("{}", nexus_server::apidoc::markdown(&document));
+            } else {
+                println!("{}", serde_json::to_string_pretty(&document)?);
+            }
             Ok(())
         }
         Command::Server(config) => {

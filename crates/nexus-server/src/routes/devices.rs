@@ -1,7 +1,7 @@
 //! The device side: heartbeat, command pull and ack, report push. All bearer-authenticated.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use nexus_api::{
     AckRequest, CommandsResponse, HeartbeatRequest, HeartbeatResponse, OkResponse,
     PushReportsRequest, PushReportsResponse,
@@ -13,7 +13,7 @@ use nexus_domain::{CommandId, ValidationErrors};
 use serde::Deserialize;
 
 use crate::error::ApiResult;
-use crate::extract::{ApiJson, Device, REPORT_BODY_LIMIT};
+use crate::extract::{ApiJson, ApiQuery, Device, REPORT_BODY_LIMIT};
 use crate::state::AppState;
 
 #[utoipa::path(post, path = "/devices/{id}/heartbeat", tag = "devices",
@@ -53,7 +53,7 @@ pub struct CommandsQuery {
 pub async fn commands(
     State(state): State<AppState>,
     Device(device): Device,
-    Query(query): Query<CommandsQuery>,
+    ApiQuery(query): ApiQuery<CommandsQuery>,
 ) -> ApiResult<Json<CommandsResponse>> {
     let pulled = state
         .services

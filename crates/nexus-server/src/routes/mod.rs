@@ -68,7 +68,34 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     let (_, mut api) = api_routes().split_for_parts();
     let (_, dev) = devtools_routes().split_for_parts();
     api.merge(dev);
+    mark_problem_responses(&mut api);
     api
+}
+
+/// Error responses are `application/problem+json`; utoipa would label them `application/json`.
+fn mark_problem_responses(api: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::RefOr;
+    for item in api.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.post,
+            &mut item.put,
+            &mut item.patch,
+            &mut item.delete,
+        ];
+        for operation in operations.into_iter().flatten() {
+            for (status, response) in operation.responses.responses.iter_mut() {
+                if let RefOr::T(response) = response
+                    && status.starts_with(['4', '5'])
+                    && let Some(content) = response.content.shift_remove("application/json")
+                {
+                    response
+                        .content
+                        .insert("application/problem+json".to_owned(), content);
+                }
+            }
+        }
+    }
 }
 
 /// The router: API routes, dev tools when enabled, `/openapi.json`, problem+json 404/405.

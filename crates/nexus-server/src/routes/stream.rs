@@ -3,7 +3,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -15,12 +15,13 @@ use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{ApiError, ApiResult};
-use crate::extract::Tenant;
+use crate::extract::{ApiQuery, Tenant};
 use crate::state::AppState;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 pub struct StreamQuery {
-    pub session_id: Option<String>,
+    /// The session to watch.
+    pub session_id: String,
     /// Resume cursor for clients that cannot send the `Last-Event-ID` header.
     pub last_event_id: Option<String>,
 }
@@ -46,15 +47,9 @@ pub async fn stream(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     headers: HeaderMap,
-    Query(query): Query<StreamQuery>,
+    ApiQuery(query): ApiQuery<StreamQuery>,
 ) -> ApiResult<Response> {
-    let raw_session = query.session_id.as_deref().ok_or_else(|| {
-        ApiError::validation(nexus_domain::ValidationErrors::single(
-            "session_id",
-            "is required",
-        ))
-    })?;
-    let session = SessionId::parse("session_id", raw_session)?;
+    let session = SessionId::parse("session_id", &query.session_id)?;
     let header_cursor = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())

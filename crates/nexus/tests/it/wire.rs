@@ -305,3 +305,27 @@ async fn devtools_emit_reports_only_in_dev_mode() {
     .await;
     assert_eq!(s, 404);
 }
+
+#[test]
+fn committed_api_docs_match_the_code() {
+    let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_nexus"))
+            .args(args)
+            .output()
+            .expect("run");
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).expect("utf8")
+    };
+    let hint = "regenerate with: cargo run -- openapi > docs/openapi.json && cargo run -- openapi --markdown > docs/API.md";
+    assert_eq!(
+        std::fs::read_to_string(docs.join("openapi.json")).expect("docs/openapi.json"),
+        run(&["openapi"]),
+        "{hint}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(docs.join("API.md")).expect("docs/API.md"),
+        run(&["openapi", "--markdown"]),
+        "{hint}"
+    );
+}
