@@ -2,6 +2,8 @@
 //! delivered in order, gaps are filled from the store, late subscribers get no duplicates, slow
 //! subscribers are cut off, and idle channels are removed.
 
+#![allow(clippy::unwrap_used)] // test helpers panic on setup failure by design
+
 use std::sync::Arc;
 use std::time::Duration;
 
