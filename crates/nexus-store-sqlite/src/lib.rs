@@ -407,8 +407,11 @@ impl Store for SqliteStore {
         now: Millis,
     ) -> StoreResult<Vec<AppendedEvent>> {
         let (tenant, device, reports) = (tenant.clone(), device.cloned(), reports.to_vec());
+        let cache = self.writer.cache.clone();
         self.writer
-            .write(move |conn| writer::append_reports(conn, tenant, device, reports, now).boxed())
+            .write(move |conn| {
+                writer::append_reports(conn, cache, tenant, device, reports, now).boxed()
+            })
             .await
     }
 

@@ -22,6 +22,7 @@ type Job =
     Box<dyn for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Option<Finish>> + Send>;
 
 pub(crate) struct Writer {
+    pub(crate) cache: SharedCache,
     jobs: mpsc::Sender<Job>,
     stop: Arc<Notify>,
     task: Mutex<Option<JoinHandle<()>>>,
@@ -32,8 +33,10 @@ impl Writer {
         // The queue bounds memory under overload: callers wait for room (back-pressure).
         let (jobs, rx) = mpsc::channel(max_batch.max(1) * 4);
         let stop = Arc::new(Notify::new());
-        let task = tokio::spawn(run(conn, rx, max_batch.max(1), stop.clone()));
+        let cache = SharedCache::default();
+        let task = tokio::spawn(run(conn, rx, max_batch.max(1), stop.clone(), cache.clone()));
         Self {
+            cache,
             jobs,
             stop,
             task: Mutex::new(Some(task)),
@@ -96,6 +99,7 @@ async fn run(
     mut rx: mpsc::Receiver<Job>,
     max_batch: usize,
     stop: Arc<Notify>,
+    cache: SharedCache,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
     loop {
@@ -114,6 +118,7 @@ async fn run(
         }
         let jobs = std::mem::take(&mut batch);
         if let Err(e) = commit_batch(&mut conn, jobs).await {
+            clear_cache(&cache);
             tracing::error!(error = %e, "SQLite group commit failed");
         }
     }
@@ -173,17 +178,48 @@ async fn checkpoint_and_close(mut conn: SqliteConnection) {
     }
 }
 
+/// What the writer remembers between transactions to save statements on the hot path. Only the
+/// writer task touches it (the mutex just makes that visible to the type system); it is cleared
+/// whenever a transaction fails, because it may then describe rows that were rolled back.
+#[derive(Default)]
+pub(crate) struct WriterCache {
+    /// (tenant, session) → the last event id committed or about to be committed.
+    last_event_ids: HashMap<(String, String), u64>,
+    /// (tenant, session, device) → when `session_devices.last_seen_at` was last written.
+    device_seen: HashMap<(String, String, String), Millis>,
+}
+
+/// Bounds the cache; past this it starts over (entries are re-read on demand).
+const CACHE_ENTRIES: usize = 100_000;
+/// `session_devices.last_seen_at` is refreshed at most this often per (session, device).
+const DEVICE_SEEN_RESOLUTION: Millis = 10_000;
+
+pub(crate) type SharedCache = Arc<std::sync::Mutex<WriterCache>>;
+
+fn cache_lock(cache: &SharedCache) -> std::sync::MutexGuard<'_, WriterCache> {
+    cache
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+pub(crate) fn clear_cache(cache: &SharedCache) {
+    let mut c = cache_lock(cache);
+    c.last_event_ids.clear();
+    c.device_seen.clear();
+}
+
 /// Appends a request's reports. Runs inside the writer's transaction, in a savepoint.
 pub(crate) async fn append_reports(
     conn: &mut SqliteConnection,
+    cache: SharedCache,
     tenant: TenantId,
     device: Option<DeviceId>,
     reports: Vec<ValidatedReport>,
     now: Millis,
 ) -> StoreResult<Vec<AppendedEvent>> {
     let tenant_key = tenant.to_string();
-    // Ids are gapless per session: the next id is max+1, read once per session per request and
-    // safe because this task is the only writer.
+    // Ids are gapless per session: the next id is last+1, safe because this task is the only
+    // writer. `next_ids` is this request's view; it reaches the shared cache only on success.
     let mut next_ids: HashMap<SessionId, u64> = HashMap::new();
     let mut out = Vec::with_capacity(reports.len());
     for report in &reports {
@@ -191,14 +227,23 @@ pub(crate) async fn append_reports(
         let next = match next_ids.get(&session) {
             Some(n) => *n,
             None => {
-                let row = sqlx::query("SELECT COALESCE(MAX(event_id), 0) AS last FROM events WHERE tenant = ? AND session_id = ?")
-                    .bind(&tenant_key)
-                    .bind(session.as_str())
-                    .fetch_one(&mut *conn)
-                    .await
-                    .map_err(unexpected)?;
-                let last: i64 = row.try_get("last").map_err(unexpected)?;
-                u64::try_from(last).unwrap_or(0) + 1
+                let cached = cache_lock(&cache)
+                    .last_event_ids
+                    .get(&(tenant_key.clone(), session.as_str().to_owned()))
+                    .copied();
+                match cached {
+                    Some(last) => last + 1,
+                    None => {
+                        let row = sqlx::query("SELECT COALESCE(MAX(event_id), 0) AS last FROM events WHERE tenant = ? AND session_id = ?")
+                            .bind(&tenant_key)
+                            .bind(session.as_str())
+                            .fetch_one(&mut *conn)
+                            .await
+                            .map_err(unexpected)?;
+                        let last: i64 = row.try_get("last").map_err(unexpected)?;
+                        u64::try_from(last).unwrap_or(0) + 1
+                    }
+                }
             }
         };
         let data = report.render(&tenant, next);
@@ -249,6 +294,18 @@ pub(crate) async fn append_reports(
     }
     if let Some(device) = &device {
         for session in next_ids.keys() {
+            let key = (
+                tenant_key.clone(),
+                session.as_str().to_owned(),
+                device.as_str().to_owned(),
+            );
+            let fresh = cache_lock(&cache)
+                .device_seen
+                .get(&key)
+                .is_some_and(|at| now - at < DEVICE_SEEN_RESOLUTION);
+            if fresh {
+                continue;
+            }
             sqlx::query(
                 "INSERT INTO session_devices (tenant, session_id, device_id, last_seen_at) VALUES (?, ?, ?, ?)
                  ON CONFLICT (tenant, session_id, device_id) DO UPDATE SET last_seen_at = excluded.last_seen_at",
@@ -260,7 +317,20 @@ pub(crate) async fn append_reports(
             .execute(&mut *conn)
             .await
             .map_err(unexpected)?;
+            let mut c = cache_lock(&cache);
+            if c.device_seen.len() >= CACHE_ENTRIES {
+                c.device_seen.clear();
+            }
+            c.device_seen.insert(key, now);
         }
+    }
+    let mut c = cache_lock(&cache);
+    if c.last_event_ids.len() >= CACHE_ENTRIES {
+        c.last_event_ids.clear();
+    }
+    for (session, next) in next_ids {
+        c.last_event_ids
+            .insert((tenant_key.clone(), session.as_str().to_owned()), next - 1);
     }
     Ok(out)
 }
