@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ConnectInfo;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -17,6 +17,8 @@ use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+const HTTP2_KEEP_ALIVE: Duration = Duration::from_secs(60);
 
 /// Serves until `stop_accepting` resolves, then closes the listener (new connections are refused)
 /// and returns a handle that waits for open connections to finish.
@@ -27,7 +29,11 @@ pub async fn accept_until(
     stop_accepting: impl Future<Output = ()>,
 ) -> GracefulShutdown {
     let graceful = GracefulShutdown::new();
-    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A client that trickles its headers (slowloris) must not hold a connection forever.
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new()).keep_alive_interval(HTTP2_KEEP_ALIVE);
+    let builder = Arc::new(builder);
     tokio::pin!(stop_accepting);
     loop {
         let (tcp, remote) = tokio::select! {
