@@ -153,6 +153,33 @@ impl Hub {
         })
     }
 
+    /// Reads every live session's newer events from the store. Called when the bus (re)connects
+    /// and periodically, because a lost bus message for a session's newest event leaves no gap to
+    /// notice until the next event arrives.
+    pub async fn resync_all(&self) {
+        let channels: Vec<Arc<SessionChannel>> =
+            lock(&self.inner.sessions).values().cloned().collect();
+        for channel in channels {
+            let Some(from) = lock(&channel.state).delivered_up_to else {
+                continue;
+            };
+            match self
+                .inner
+                .store
+                .events_after(&channel.key.0, &channel.key.1, from, 1000)
+                .await
+            {
+                Ok(events) if !events.is_empty() => {
+                    tracing::debug!(count = events.len(), "hub caught up from the store");
+                    self.inner
+                        .advance(&channel, None, events.into_iter().map(Arc::new).collect());
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "hub could not resync a session"),
+            }
+        }
+    }
+
     /// Delivers a committed event to the session's subscribers, in id order.
     pub fn publish(&self, tenant: &TenantId, event: StoredEvent) {
         let channel = {

@@ -2,6 +2,7 @@
 //! Handlers call these; these call the storage interface. Nothing here knows HTTP or SQL, so the
 //! same services serve every transport and every backend.
 
+pub mod bus;
 pub mod commands;
 pub mod config;
 pub mod devices;
@@ -32,14 +33,17 @@ pub struct Services {
 }
 
 impl Services {
-    pub fn new(store: Arc<dyn Store>, config: CoreConfig) -> Self {
+    /// Wires the services. `bus` connects this replica's hub to the others (use
+    /// [`bus::LocalOnly`] for a single replica).
+    pub fn new(store: Arc<dyn Store>, config: CoreConfig, bus: Arc<dyn bus::EventBus>) -> Self {
         let config = Arc::new(config);
         let hub = hub::Hub::new(store.clone(), config.clone());
+        bus.start(hub.clone());
         Self {
             pairing: pairing::PairingService::new(store.clone(), &config),
             devices: devices::DeviceService::new(store.clone(), config.clone()),
             commands: commands::CommandService::new(store.clone()),
-            reports: reports::ReportService::new(store.clone(), hub.clone()),
+            reports: reports::ReportService::new(store.clone(), hub.clone(), bus),
             streams: stream::StreamService::new(store.clone(), hub.clone(), config.clone()),
             hub,
             store,

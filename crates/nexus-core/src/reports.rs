@@ -7,6 +7,7 @@ use nexus_domain::time::Millis;
 use nexus_domain::{DeviceId, FieldError, TenantId, ValidationErrors};
 use nexus_store::{AppendedEvent, Store};
 
+use crate::bus::EventBus;
 use crate::error::{CoreError, CoreResult};
 use crate::hub::Hub;
 
@@ -17,11 +18,12 @@ pub const MAX_REPORTS_PER_REQUEST: usize = 100;
 pub struct ReportService {
     store: Arc<dyn Store>,
     hub: Hub,
+    bus: Arc<dyn EventBus>,
 }
 
 impl ReportService {
-    pub fn new(store: Arc<dyn Store>, hub: Hub) -> Self {
-        Self { store, hub }
+    pub fn new(store: Arc<dyn Store>, hub: Hub, bus: Arc<dyn EventBus>) -> Self {
+        Self { store, hub, bus }
     }
 
     /// Validates raw reports; on any error nothing is stored and every error is returned.
@@ -48,20 +50,30 @@ impl ReportService {
     }
 
     /// Stores the reports (durable when this returns) and publishes the new events live.
+    ///
+    /// Runs as its own task so that a client hanging up mid-request cannot stop the publish
+    /// after the commit (the hub would fill the gap from the store anyway, but only once a later
+    /// event reveals it).
     pub async fn ingest(
         &self,
         tenant: &TenantId,
         device: Option<&DeviceId>,
-        reports: &[ValidatedReport],
+        reports: Vec<ValidatedReport>,
         now: Millis,
     ) -> CoreResult<Vec<AppendedEvent>> {
-        let appended = self
-            .store
-            .append_reports(tenant, device, reports, now)
-            .await?;
-        for event in appended.iter().filter(|e| !e.duplicate) {
-            self.hub.publish(tenant, event.event.clone());
-        }
-        Ok(appended)
+        let (service, tenant, device) = (self.clone(), tenant.clone(), device.cloned());
+        let task = tokio::spawn(async move {
+            let appended = service
+                .store
+                .append_reports(&tenant, device.as_ref(), &reports, now)
+                .await?;
+            for event in appended.iter().filter(|e| !e.duplicate) {
+                service.bus.announce(&tenant, &event.event);
+                service.hub.publish(&tenant, event.event.clone());
+            }
+            Ok::<_, CoreError>(appended)
+        });
+        task.await
+            .map_err(|e| CoreError::Unexpected(anyhow::anyhow!("ingest task failed: {e}")))?
     }
 }

@@ -83,6 +83,11 @@ pub struct ServerConfig {
     #[arg(long, env = "NEXUS_DRAIN_TIMEOUT", default_value = "30s", value_parser = duration)]
     pub drain_timeout: Duration,
 
+    /// With Redis: how often live sessions are checked against the store for events whose bus
+    /// message was lost.
+    #[arg(long, env = "NEXUS_RESYNC_INTERVAL", default_value = "2s", value_parser = duration)]
+    pub resync_interval: Duration,
+
     /// Connections used for database reads.
     #[arg(long, env = "NEXUS_DB_READ_CONNECTIONS", default_value_t = 4)]
     pub db_read_connections: u32,

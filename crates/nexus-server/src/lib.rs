@@ -18,8 +18,11 @@ use std::sync::Arc;
 
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use nexus_core::Services;
+use nexus_core::bus::{EventBus, LocalOnly};
+use nexus_core::hub::Hub;
 use nexus_store::Store;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
 
@@ -82,6 +85,7 @@ pub fn app(state: AppState) -> axum::Router {
 pub async fn launch(
     config: ServerConfig,
     store: Arc<dyn Store>,
+    bus: Option<Arc<dyn EventBus>>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
@@ -91,7 +95,19 @@ pub async fn launch(
     };
     let config = Arc::new(config);
     let lifecycle = Lifecycle::default();
-    let services = Services::new(store.clone(), config.core());
+    let replicated = bus.is_some();
+    let services = Services::new(
+        store.clone(),
+        config.core(),
+        bus.unwrap_or_else(|| Arc::new(LocalOnly)),
+    );
+    if replicated {
+        spawn_resync(
+            services.hub.clone(),
+            config.resync_interval,
+            lifecycle.streams_closing.clone(),
+        );
+    }
     let state = AppState {
         services,
         config: config.clone(),
@@ -121,4 +137,19 @@ pub async fn launch(
     store.close().await;
     tracing::info!("NEXUS stopped");
     Ok(())
+}
+
+/// With several replicas a lost bus message is only noticed when a later event arrives; this
+/// bounds how long a session's newest event can stay unseen on this replica.
+fn spawn_resync(hub: Hub, every: std::time::Duration, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => hub.resync_all().await,
+            }
+        }
+    });
 }

@@ -75,7 +75,7 @@ async fn run_server(config: ServerConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
-    nexus_server::launch(config, store, listener, shutdown_signal()).await
+    nexus_server::launch(config, store, None, listener, shutdown_signal()).await
 }
 
 /// Two servers on one embedded database would corrupt each other's view; refuse the second.

@@ -119,7 +119,7 @@ pub async fn push_reports(
         .ingest(
             &device.tenant,
             Some(&device.device_id),
-            &reports,
+            reports,
             now_millis(),
         )
         .await?;

@@ -46,7 +46,7 @@ pub async fn emit_report(
     let appended = state
         .services
         .reports
-        .ingest(&tenant, None, &reports, now_millis())
+        .ingest(&tenant, None, reports, now_millis())
         .await?;
     Ok(Json(EmitReportResponse {
         accepted: true,
