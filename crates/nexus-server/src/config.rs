@@ -21,6 +21,11 @@ pub struct ServerConfig {
     #[arg(long, env = "NEXUS_DATA_DIR", default_value = "./nexus-data")]
     pub data_dir: PathBuf,
 
+    /// Redis for live fan-out between replicas (redis://host:6379). Without it, this server
+    /// fans out in-process only.
+    #[arg(long, env = "NEXUS_REDIS_URL")]
+    pub redis_url: Option<String>,
+
     /// Enable the /devtools endpoints (never in production).
     #[arg(long, env = "NEXUS_DEV", default_value_t = false)]
     pub dev: bool,

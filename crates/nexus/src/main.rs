@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use nexus_bus_redis::RedisBus;
+use nexus_core::bus::EventBus;
 use nexus_server::ServerConfig;
 use nexus_store::Store;
 use nexus_store_sqlite::{SqliteConfig, SqliteStore};
@@ -72,10 +74,14 @@ async fn run_server(config: ServerConfig) -> anyhow::Result<()> {
         )
         .await?,
     );
+    let bus: Option<Arc<dyn EventBus>> = match &config.redis_url {
+        Some(url) => Some(Arc::new(RedisBus::new(url)?)),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
-    nexus_server::launch(config, store, None, listener, shutdown_signal()).await
+    nexus_server::launch(config, store, bus, listener, shutdown_signal()).await
 }
 
 /// Two servers on one embedded database would corrupt each other's view; refuse the second.
