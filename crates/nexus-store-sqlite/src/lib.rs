@@ -406,12 +406,8 @@ impl Store for SqliteStore {
         reports: &[ValidatedReport],
         now: Millis,
     ) -> StoreResult<Vec<AppendedEvent>> {
-        let (tenant, device, reports) = (tenant.clone(), device.cloned(), reports.to_vec());
-        let cache = self.writer.cache.clone();
         self.writer
-            .write(move |conn| {
-                writer::append_reports(conn, cache, tenant, device, reports, now).boxed()
-            })
+            .append(tenant.clone(), device.cloned(), reports.to_vec(), now)
             .await
     }
 

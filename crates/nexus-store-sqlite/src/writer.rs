@@ -1,4 +1,10 @@
 //! The single writer task and its group commit (see the crate docs for why).
+//!
+//! Report appends, the hot path, are not run one by one: every append queued when a transaction
+//! starts is handled together — one duplicate lookup and one multi-row INSERT per chunk of rows,
+//! whatever the number of requests — because each statement costs a round trip to SQLite's
+//! worker thread and the writer is the one serial part of ingest. Other writes run as closures,
+//! each in its own SAVEPOINT so one failing request cannot undo another's.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -6,13 +12,11 @@ use std::sync::Arc;
 use futures_util::future::BoxFuture;
 use nexus_domain::report::ValidatedReport;
 use nexus_domain::time::Millis;
-use nexus_domain::{DeviceId, SessionId, TenantId};
+use nexus_domain::{DeviceId, TenantId};
 use nexus_store::{AppendedEvent, StoreError, StoreResult, StoredEvent};
 use sqlx::{Connection, Row, SqliteConnection};
 use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
-
-use crate::rows::unexpected;
 
 /// Called once the batch holding a job has committed (or failed to).
 type Finish = Box<dyn FnOnce(StoreResult<()>) + Send>;
@@ -21,30 +25,45 @@ type Finish = Box<dyn FnOnce(StoreResult<()>) + Send>;
 type Job =
     Box<dyn for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Option<Finish>> + Send>;
 
+/// One request's reports, appended together with every other queued request's.
+pub(crate) struct AppendJob {
+    pub(crate) tenant: TenantId,
+    pub(crate) device: Option<DeviceId>,
+    pub(crate) reports: Vec<ValidatedReport>,
+    pub(crate) now: Millis,
+    pub(crate) reply: oneshot::Sender<StoreResult<Vec<AppendedEvent>>>,
+}
+
+enum Op {
+    Generic(Job),
+    Append(AppendJob),
+}
+
 pub(crate) struct Writer {
-    pub(crate) cache: SharedCache,
-    jobs: mpsc::Sender<Job>,
+    ops: mpsc::Sender<Op>,
     stop: Arc<Notify>,
     task: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn closed() -> StoreError {
+    StoreError::Unavailable(anyhow::anyhow!("the store is closed"))
 }
 
 impl Writer {
     pub(crate) fn spawn(conn: SqliteConnection, max_batch: usize) -> Self {
         // The queue bounds memory under overload: callers wait for room (back-pressure).
-        let (jobs, rx) = mpsc::channel(max_batch.max(1) * 4);
+        let (ops, rx) = mpsc::channel(max_batch.max(1) * 4);
         let stop = Arc::new(Notify::new());
-        let cache = SharedCache::default();
-        let task = tokio::spawn(run(conn, rx, max_batch.max(1), stop.clone(), cache.clone()));
+        let task = tokio::spawn(run(conn, rx, max_batch.max(1), stop.clone()));
         Self {
-            cache,
-            jobs,
+            ops,
             stop,
             task: Mutex::new(Some(task)),
         }
     }
 
     pub(crate) fn ensure_running(&self) -> StoreResult<()> {
-        if self.jobs.is_closed() {
+        if self.ops.is_closed() {
             Err(StoreError::Unavailable(anyhow::anyhow!(
                 "the SQLite writer has stopped"
             )))
@@ -75,10 +94,32 @@ impl Writer {
                 }
             })
         });
-        self.jobs
-            .send(job)
+        self.ops
+            .send(Op::Generic(job))
             .await
-            .map_err(|_| StoreError::Unavailable(anyhow::anyhow!("the store is closed")))?;
+            .map_err(|_| closed())?;
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable(anyhow::anyhow!("the write was abandoned")))?
+    }
+
+    /// Appends reports in the next group commit; returns once they are durable.
+    pub(crate) async fn append(
+        &self,
+        tenant: TenantId,
+        device: Option<DeviceId>,
+        reports: Vec<ValidatedReport>,
+        now: Millis,
+    ) -> StoreResult<Vec<AppendedEvent>> {
+        let (reply, answer) = oneshot::channel();
+        let job = AppendJob {
+            tenant,
+            device,
+            reports,
+            now,
+            reply,
+        };
+        self.ops.send(Op::Append(job)).await.map_err(|_| closed())?;
         answer
             .await
             .map_err(|_| StoreError::Unavailable(anyhow::anyhow!("the write was abandoned")))?
@@ -96,11 +137,11 @@ impl Writer {
 
 async fn run(
     mut conn: SqliteConnection,
-    mut rx: mpsc::Receiver<Job>,
+    mut rx: mpsc::Receiver<Op>,
     max_batch: usize,
     stop: Arc<Notify>,
-    cache: SharedCache,
 ) {
+    let mut cache = WriterCache::default();
     let mut batch = Vec::with_capacity(max_batch);
     loop {
         tokio::select! {
@@ -116,20 +157,34 @@ async fn run(
                 continue;
             }
         }
-        let jobs = std::mem::take(&mut batch);
-        if let Err(e) = commit_batch(&mut conn, jobs).await {
-            clear_cache(&cache);
+        let ops = std::mem::take(&mut batch);
+        if let Err(e) = commit_batch(&mut conn, &mut cache, ops).await {
+            // The cache may describe rows that were just rolled back.
+            cache = WriterCache::default();
             tracing::error!(error = %e, "SQLite group commit failed");
         }
     }
     checkpoint_and_close(conn).await;
 }
 
-async fn commit_batch(conn: &mut SqliteConnection, jobs: Vec<Job>) -> Result<(), sqlx::Error> {
-    let mut finishers: Vec<Finish> = Vec::with_capacity(jobs.len());
+async fn commit_batch(
+    conn: &mut SqliteConnection,
+    cache: &mut WriterCache,
+    ops: Vec<Op>,
+) -> Result<(), sqlx::Error> {
+    let mut finishers: Vec<Finish> = Vec::with_capacity(ops.len());
+    let mut appends: Vec<AppendJob> = Vec::new();
+    let mut appended: Vec<Vec<AppendedEvent>> = Vec::new();
     let result = async {
         sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
-        for job in jobs {
+        for op in ops {
+            let job = match op {
+                Op::Append(append) => {
+                    appends.push(append);
+                    continue;
+                }
+                Op::Generic(job) => job,
+            };
             sqlx::query("SAVEPOINT job").execute(&mut *conn).await?;
             match job(conn).await {
                 Some(finish) => {
@@ -142,6 +197,9 @@ async fn commit_batch(conn: &mut SqliteConnection, jobs: Vec<Job>) -> Result<(),
                 }
             }
         }
+        if !appends.is_empty() {
+            appended = append_all(conn, cache, &appends).await?;
+        }
         sqlx::query("COMMIT").execute(&mut *conn).await?;
         Ok::<(), sqlx::Error>(())
     }
@@ -151,16 +209,23 @@ async fn commit_batch(conn: &mut SqliteConnection, jobs: Vec<Job>) -> Result<(),
             for finish in finishers {
                 finish(Ok(()));
             }
+            for (job, events) in appends.into_iter().zip(appended) {
+                let _ = job.reply.send(Ok(events));
+            }
             Ok(())
         }
         Err(e) => {
             let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+            let failed = || {
+                StoreError::Unavailable(anyhow::anyhow!("the transaction could not be committed"))
+            };
             for finish in finishers {
-                finish(Err(StoreError::Unavailable(anyhow::anyhow!(
-                    "the transaction could not be committed"
-                ))));
+                finish(Err(failed()));
             }
-            // Jobs not yet run are dropped here, which answers their callers with Unavailable.
+            for job in appends {
+                let _ = job.reply.send(Err(failed()));
+            }
+            // Generic jobs not yet run are dropped here, which answers their callers.
             Err(e)
         }
     }
@@ -178,12 +243,11 @@ async fn checkpoint_and_close(mut conn: SqliteConnection) {
     }
 }
 
-/// What the writer remembers between transactions to save statements on the hot path. Only the
-/// writer task touches it (the mutex just makes that visible to the type system); it is cleared
-/// whenever a transaction fails, because it may then describe rows that were rolled back.
+/// What the writer remembers between transactions to save statements on the hot path. Owned by
+/// the writer task alone; reset whenever a transaction fails.
 #[derive(Default)]
-pub(crate) struct WriterCache {
-    /// (tenant, session) → the last event id committed or about to be committed.
+struct WriterCache {
+    /// (tenant, session) → the last event id written.
     last_event_ids: HashMap<(String, String), u64>,
     /// (tenant, session, device) → when `session_devices.last_seen_at` was last written.
     device_seen: HashMap<(String, String, String), Millis>,
@@ -193,144 +257,192 @@ pub(crate) struct WriterCache {
 const CACHE_ENTRIES: usize = 100_000;
 /// `session_devices.last_seen_at` is refreshed at most this often per (session, device).
 const DEVICE_SEEN_RESOLUTION: Millis = 10_000;
+/// Rows per statement: well under SQLite's limit of 32,766 bound parameters.
+const ROWS_PER_STATEMENT: usize = 500;
 
-pub(crate) type SharedCache = Arc<std::sync::Mutex<WriterCache>>;
+type ReportKey = (String, String, String);
+/// An events row to insert: key, event id, device, rendered JSON, time.
+type NewRow = (ReportKey, u64, Option<String>, Arc<str>, Millis);
 
-fn cache_lock(cache: &SharedCache) -> std::sync::MutexGuard<'_, WriterCache> {
-    cache
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-pub(crate) fn clear_cache(cache: &SharedCache) {
-    let mut c = cache_lock(cache);
-    c.last_event_ids.clear();
-    c.device_seen.clear();
-}
-
-/// Appends a request's reports. Runs inside the writer's transaction, in a savepoint.
-pub(crate) async fn append_reports(
+/// Appends every queued request's reports. Ids are gapless per (tenant, session): next = last + 1,
+/// which is safe because this task is the only writer. Runs inside the batch transaction: if any
+/// statement fails, the whole batch is rolled back and every caller is told so.
+async fn append_all(
     conn: &mut SqliteConnection,
-    cache: SharedCache,
-    tenant: TenantId,
-    device: Option<DeviceId>,
-    reports: Vec<ValidatedReport>,
-    now: Millis,
-) -> StoreResult<Vec<AppendedEvent>> {
-    let tenant_key = tenant.to_string();
-    // Ids are gapless per session: the next id is last+1, safe because this task is the only
-    // writer. `next_ids` is this request's view; it reaches the shared cache only on success.
-    let mut next_ids: HashMap<SessionId, u64> = HashMap::new();
-    let mut out = Vec::with_capacity(reports.len());
-    for report in &reports {
-        let session = report.session_id.clone();
-        let next = match next_ids.get(&session) {
-            Some(n) => *n,
-            None => {
-                let cached = cache_lock(&cache)
-                    .last_event_ids
-                    .get(&(tenant_key.clone(), session.as_str().to_owned()))
-                    .copied();
-                match cached {
-                    Some(last) => last + 1,
-                    None => {
-                        let row = sqlx::query("SELECT COALESCE(MAX(event_id), 0) AS last FROM events WHERE tenant = ? AND session_id = ?")
-                            .bind(&tenant_key)
-                            .bind(session.as_str())
-                            .fetch_one(&mut *conn)
-                            .await
-                            .map_err(unexpected)?;
-                        let last: i64 = row.try_get("last").map_err(unexpected)?;
-                        u64::try_from(last).unwrap_or(0) + 1
-                    }
-                }
+    cache: &mut WriterCache,
+    jobs: &[AppendJob],
+) -> Result<Vec<Vec<AppendedEvent>>, sqlx::Error> {
+    // 1. Which report ids are already stored (one lookup per chunk, not per report).
+    let mut keys: Vec<ReportKey> = Vec::new();
+    for job in jobs {
+        let tenant = job.tenant.to_string();
+        for r in &job.reports {
+            keys.push((
+                tenant.clone(),
+                r.session_id.as_str().to_owned(),
+                r.report_id.clone(),
+            ));
+        }
+    }
+    let mut known: HashMap<ReportKey, (u64, Arc<str>)> = existing_events(conn, &keys).await?;
+
+    // 2. Assign ids in queue order and render the stored JSON.
+    let mut rows: Vec<NewRow> = Vec::new();
+    let mut sightings: Vec<(String, String, String, Millis)> = Vec::new();
+    let mut results = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let tenant_key = job.tenant.to_string();
+        let mut events = Vec::with_capacity(job.reports.len());
+        for report in &job.reports {
+            let session = report.session_id.as_str().to_owned();
+            let key = (
+                tenant_key.clone(),
+                session.clone(),
+                report.report_id.clone(),
+            );
+            if let Some((id, data)) = known.get(&key) {
+                events.push(AppendedEvent {
+                    event: StoredEvent {
+                        session_id: report.session_id.clone(),
+                        event_id: *id,
+                        data: data.clone(),
+                    },
+                    duplicate: true,
+                });
+                continue;
             }
-        };
-        let data = report.render(&tenant, next);
-        let inserted = sqlx::query(
-            "INSERT INTO events (tenant, session_id, event_id, report_id, device_id, data, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, session_id, report_id) DO NOTHING",
-        )
-        .bind(&tenant_key)
-        .bind(session.as_str())
-        .bind(i64::try_from(next).map_err(|e| StoreError::Unexpected(e.into()))?)
-        .bind(&report.report_id)
-        .bind(device.as_ref().map(DeviceId::as_str))
-        .bind(&data)
-        .bind(now)
-        .execute(&mut *conn)
-        .await
-        .map_err(unexpected)?;
-        if inserted.rows_affected() == 1 {
-            next_ids.insert(session.clone(), next + 1);
-            out.push(AppendedEvent {
+            let id = next_event_id(conn, cache, &tenant_key, &session).await?;
+            let data: Arc<str> = Arc::from(report.render(&job.tenant, id));
+            known.insert(key.clone(), (id, data.clone()));
+            rows.push((
+                key,
+                id,
+                job.device.as_ref().map(|d| d.as_str().to_owned()),
+                data.clone(),
+                job.now,
+            ));
+            events.push(AppendedEvent {
                 event: StoredEvent {
-                    session_id: session,
-                    event_id: next,
-                    data: Arc::from(data),
+                    session_id: report.session_id.clone(),
+                    event_id: id,
+                    data,
                 },
                 duplicate: false,
             });
-        } else {
-            next_ids.insert(session.clone(), next);
-            let row = sqlx::query("SELECT event_id, data FROM events WHERE tenant = ? AND session_id = ? AND report_id = ?")
-                .bind(&tenant_key)
-                .bind(session.as_str())
-                .bind(&report.report_id)
-                .fetch_one(&mut *conn)
-                .await
-                .map_err(unexpected)?;
-            let id: i64 = row.try_get("event_id").map_err(unexpected)?;
-            let data: String = row.try_get("data").map_err(unexpected)?;
-            out.push(AppendedEvent {
-                event: StoredEvent {
-                    session_id: session,
-                    event_id: u64::try_from(id).unwrap_or(0),
-                    data: Arc::from(data),
-                },
-                duplicate: true,
-            });
-        }
-    }
-    if let Some(device) = &device {
-        for session in next_ids.keys() {
-            let key = (
-                tenant_key.clone(),
-                session.as_str().to_owned(),
-                device.as_str().to_owned(),
-            );
-            let fresh = cache_lock(&cache)
-                .device_seen
-                .get(&key)
-                .is_some_and(|at| now - at < DEVICE_SEEN_RESOLUTION);
-            if fresh {
-                continue;
+            if let Some(device) = &job.device {
+                sightings.push((
+                    tenant_key.clone(),
+                    session,
+                    device.as_str().to_owned(),
+                    job.now,
+                ));
             }
-            sqlx::query(
-                "INSERT INTO session_devices (tenant, session_id, device_id, last_seen_at) VALUES (?, ?, ?, ?)
-                 ON CONFLICT (tenant, session_id, device_id) DO UPDATE SET last_seen_at = excluded.last_seen_at",
+        }
+        results.push(events);
+    }
+
+    // 3. Multi-row inserts.
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let mut sql = String::from(
+            "INSERT INTO events (tenant, session_id, event_id, report_id, device_id, data, created_at) VALUES ",
+        );
+        sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
+        let mut query = sqlx::query(&sql);
+        for ((tenant, session, report_id), id, device, data, now) in chunk {
+            query = query
+                .bind(tenant)
+                .bind(session)
+                .bind(i64::try_from(*id).unwrap_or(i64::MAX))
+                .bind(report_id)
+                .bind(device)
+                .bind(&**data)
+                .bind(*now);
+        }
+        query.execute(&mut *conn).await?;
+    }
+
+    // 4. Which devices report into which sessions (refreshed at a coarse resolution).
+    for (tenant, session, device, now) in sightings {
+        let key = (tenant, session, device);
+        if cache
+            .device_seen
+            .get(&key)
+            .is_some_and(|at| now - at < DEVICE_SEEN_RESOLUTION)
+        {
+            continue;
+        }
+        sqlx::query(
+            "INSERT INTO session_devices (tenant, session_id, device_id, last_seen_at) VALUES (?, ?, ?, ?)
+             ON CONFLICT (tenant, session_id, device_id) DO UPDATE SET last_seen_at = MAX(last_seen_at, excluded.last_seen_at)",
+        )
+        .bind(&key.0)
+        .bind(&key.1)
+        .bind(&key.2)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+        if cache.device_seen.len() >= CACHE_ENTRIES {
+            cache.device_seen.clear();
+        }
+        cache.device_seen.insert(key, now);
+    }
+    Ok(results)
+}
+
+async fn next_event_id(
+    conn: &mut SqliteConnection,
+    cache: &mut WriterCache,
+    tenant: &str,
+    session: &str,
+) -> Result<u64, sqlx::Error> {
+    let key = (tenant.to_owned(), session.to_owned());
+    let last = match cache.last_event_ids.get(&key) {
+        Some(last) => *last,
+        None => {
+            let row = sqlx::query(
+                "SELECT COALESCE(MAX(event_id), 0) AS last FROM events WHERE tenant = ? AND session_id = ?",
             )
-            .bind(&tenant_key)
-            .bind(session.as_str())
-            .bind(device.as_str())
-            .bind(now)
-            .execute(&mut *conn)
-            .await
-            .map_err(unexpected)?;
-            let mut c = cache_lock(&cache);
-            if c.device_seen.len() >= CACHE_ENTRIES {
-                c.device_seen.clear();
-            }
-            c.device_seen.insert(key, now);
+            .bind(tenant)
+            .bind(session)
+            .fetch_one(&mut *conn)
+            .await?;
+            u64::try_from(row.try_get::<i64, _>("last")?).unwrap_or(0)
+        }
+    };
+    if cache.last_event_ids.len() >= CACHE_ENTRIES {
+        cache.last_event_ids.clear();
+    }
+    cache.last_event_ids.insert(key, last + 1);
+    Ok(last + 1)
+}
+
+async fn existing_events(
+    conn: &mut SqliteConnection,
+    keys: &[ReportKey],
+) -> Result<HashMap<ReportKey, (u64, Arc<str>)>, sqlx::Error> {
+    let mut found = HashMap::new();
+    for chunk in keys.chunks(ROWS_PER_STATEMENT) {
+        let mut sql = String::from(
+            "SELECT tenant, session_id, report_id, event_id, data FROM events WHERE (tenant, session_id, report_id) IN (VALUES ",
+        );
+        sql.push_str(&vec!["(?, ?, ?)"; chunk.len()].join(", "));
+        sql.push(')');
+        let mut query = sqlx::query(&sql);
+        for (tenant, session, report_id) in chunk {
+            query = query.bind(tenant).bind(session).bind(report_id);
+        }
+        for row in query.fetch_all(&mut *conn).await? {
+            let id: i64 = row.try_get("event_id")?;
+            let data: String = row.try_get("data")?;
+            found.insert(
+                (
+                    row.try_get("tenant")?,
+                    row.try_get("session_id")?,
+                    row.try_get("report_id")?,
+                ),
+                (u64::try_from(id).unwrap_or(0), Arc::from(data)),
+            );
         }
     }
-    let mut c = cache_lock(&cache);
-    if c.last_event_ids.len() >= CACHE_ENTRIES {
-        c.last_event_ids.clear();
-    }
-    for (session, next) in next_ids {
-        c.last_event_ids
-            .insert((tenant_key.clone(), session.as_str().to_owned()), next - 1);
-    }
-    Ok(out)
+    Ok(found)
 }

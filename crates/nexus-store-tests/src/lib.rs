@@ -24,7 +24,8 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@cases $factory;
             pairing_lifecycle, live_codes_are_unique_and_released_on_expiry, heartbeat_is_tenant_scoped,
             command_queue_cursor_and_ack, event_ids_are_gapless_per_session, duplicate_report_ids_are_idempotent,
-            concurrent_appends_never_share_or_skip_ids, event_reads_are_tenant_scoped, session_devices_are_tracked);
+            concurrent_appends_never_share_or_skip_ids, event_reads_are_tenant_scoped, session_devices_are_tracked,
+            concurrent_duplicates_store_one_event);
     };
     (@cases $factory:path; $($case:ident),* $(,)?) => {
         $(
@@ -567,5 +568,43 @@ pub async fn session_devices_are_tracked(store: DynStore) {
             .await
             .expect("read")
             .is_empty()
+    );
+}
+
+pub async fn concurrent_duplicates_store_one_event(store: DynStore) {
+    let t = tenant(&unique("org"));
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let (store, t) = (store.clone(), t.clone());
+        tasks.push(tokio::spawn(async move {
+            store
+                .append_reports(
+                    &t,
+                    None,
+                    &[report("dup", "same"), report("dup", "same")],
+                    now_millis(),
+                )
+                .await
+                .expect("append")
+        }));
+    }
+    let mut fresh = 0;
+    for task in futures::future::join_all(tasks).await {
+        let out = task.expect("task");
+        assert!(out.iter().all(|e| e.event.event_id == 1));
+        fresh += out.iter().filter(|e| !e.duplicate).count();
+    }
+    assert_eq!(
+        fresh, 1,
+        "exactly one of twenty appends of one report id creates the event"
+    );
+    let session = SessionId::parse("s", "dup").expect("s");
+    assert_eq!(
+        store
+            .events_after(&t, &session, 0, 100)
+            .await
+            .expect("read")
+            .len(),
+        1
     );
 }
