@@ -48,7 +48,11 @@ CREATE TABLE commands (
 );
 CREATE INDEX commands_pending ON commands (tenant, device_id, seq) WHERE acked_at IS NULL;
 
+-- A rowid table: rows are appended in commit order, so the (large) report JSON lands on
+-- sequential pages and each group commit dirties few pages; the lookups go through two narrow
+-- indexes.
 CREATE TABLE events (
+    seq          INTEGER PRIMARY KEY,
     tenant       TEXT NOT NULL,
     session_id   TEXT NOT NULL,
     event_id     INTEGER NOT NULL,
@@ -56,9 +60,9 @@ CREATE TABLE events (
     device_id    TEXT,
     data         TEXT NOT NULL,
     created_at   INTEGER NOT NULL,
-    PRIMARY KEY (tenant, session_id, event_id),
+    UNIQUE (tenant, session_id, event_id),
     UNIQUE (tenant, session_id, report_id)
-) WITHOUT ROWID;
+);
 
 CREATE TABLE session_devices (
     tenant        TEXT NOT NULL,

@@ -43,6 +43,29 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub struct SqliteStore {
     read: SqlitePool,
     writer: Writer,
+    checkpointer: tokio::task::JoinHandle<()>,
+}
+
+/// How often the WAL is copied back into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// PASSIVE checkpoints never block the writer or readers; the WAL is reused from its start once a
+/// checkpoint has caught up, which keeps it small and its fsyncs cheap (overwrites, not growth).
+async fn checkpoint_loop(pool: SqlitePool) {
+    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if pool.is_closed() {
+            return;
+        }
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&pool)
+            .await
+        {
+            tracing::debug!(error = %e, "background WAL checkpoint failed");
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -73,9 +96,16 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5))
+            // Statement journals of multi-row inserts stay in memory instead of temp files.
+            .pragma("temp_store", "MEMORY")
             .disable_statement_logging();
 
+        // The writer never checkpoints: copying WAL pages into the database would stall every
+        // request waiting on the next commit. A background task checkpoints on another connection
+        // (and so on the other core) instead.
         let mut write_conn = options
+            .clone()
+            .pragma("wal_autocheckpoint", "0")
             .connect()
             .await
             .with_context(|| format!("opening {}", path.display()))?;
@@ -89,9 +119,11 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .context("opening SQLite read pool")?;
+        let checkpointer = tokio::spawn(checkpoint_loop(read.clone()));
         Ok(Self {
             read,
             writer: Writer::spawn(write_conn, config.max_batch),
+            checkpointer,
         })
     }
 }
@@ -111,6 +143,7 @@ impl Store for SqliteStore {
     }
 
     async fn close(&self) {
+        self.checkpointer.abort();
         self.writer.shutdown().await;
         self.read.close().await;
     }
