@@ -1,5 +1,5 @@
 //! The storage interface of NEXUS. Services depend on this trait only; each backend crate
-//! (SQLite today, PostgreSQL next) implements it, and `nexus-store-tests` holds every backend to
+//! (SQLite, PostgreSQL) implements it, and `nexus-store-tests` holds every backend to
 //! the same behaviour. No SQL and no driver types appear here.
 
 use std::sync::Arc;

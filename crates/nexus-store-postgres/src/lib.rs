@@ -1,0 +1,665 @@
+//! The PostgreSQL backend: shared state for any number of stateless `nexus server` replicas.
+//!
+//! Tenant isolation is enforced by the database, not only by our `WHERE` clauses: every table has
+//! row-level security keyed on the `nexus.tenant` setting, and every tenant-scoped method runs in a
+//! transaction opened by [`PostgresStore::tenant_tx`], which sets it with SET LOCAL semantics. The
+//! few lookups that happen before a tenant is known go through narrow SECURITY DEFINER functions
+//! (see `migrations/0001_core.sql` for why). The application connects as a role that cannot bypass
+//! RLS; [`PostgresStore::migrate`] runs as the schema owner and grants that role what it needs.
+//!
+//! Ids that clients use as cursors (event ids per session, command seqs per device) come from
+//! counter rows updated inside the writing transaction, so they are gapless and commit-ordered
+//! across processes (see `append.rs`).
+//!
+//! Where this store is stricter than the SQLite one (the conformance suite holds both to the same
+//! behaviour otherwise): a new pairing must be pending; a pairing that named its tenant at start can
+//! only be confirmed into that tenant, and only that tenant can complete it; command seqs count per
+//! device queue (1, 2, 3, ...) instead of across all devices.
+//!
+//! The pool is bounded and fails fast: when the database is unreachable a call fails with
+//! `StoreError::Unavailable` after `acquire_timeout` (2 s by default) instead of queueing forever,
+//! every call is bounded by `operation_timeout`, and connections are tested before use, so the pool
+//! heals by itself when the database comes back.
+
+mod append;
+mod rows;
+mod schema;
+
+use std::future::Future;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use nexus_domain::command::NewCommand;
+use nexus_domain::report::ValidatedReport;
+use nexus_domain::secret::SecretHash;
+use nexus_domain::time::Millis;
+use nexus_domain::{
+    CommandId, Device, DeviceId, EventId, Pairing, PairingCode, PairingId, PairingState, SessionId,
+    TenantId,
+};
+use nexus_store::{
+    AppendedEvent, DeviceCredential, Heartbeat, NewDevice, QueuedCommand, Store, StoreError,
+    StoreResult, StoredEvent,
+};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool, Postgres, Row, Transaction};
+
+use crate::rows::{
+    device_from_row, event_from_row, pairing_from_row, queued_command_from_row, unexpected,
+};
+pub use crate::schema::{DEFAULT_APP_ROLE, MigrateOptions, SchemaError};
+
+/// The migrations this build understands. `migrate` applies them; `connect` refuses a database
+/// that lacks one of them or has one this build does not know.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Connection pool settings for [`PostgresStore::connect`].
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    /// Upper bound on open connections from this process (replicas × this must fit the server).
+    pub max_connections: u32,
+    /// Connections kept open while idle.
+    pub min_connections: u32,
+    /// How long a call waits for a connection (including connecting) before failing with
+    /// `Unavailable`. Short, so a database outage turns into fast errors, not piled-up requests.
+    pub acquire_timeout: Duration,
+    /// Server-side `statement_timeout` for every statement (`None`: the server's default).
+    pub statement_timeout: Option<Duration>,
+    /// Server-side `idle_in_transaction_session_timeout`: a process that stalls or vanishes in the
+    /// middle of a transaction (a frozen replica, a network partition) loses it after this long, so
+    /// the row locks it holds (a session's event counter, say) cannot block the other replicas for
+    /// longer. Our transactions never wait on the client between statements for long.
+    pub idle_in_transaction_timeout: Option<Duration>,
+    /// Client-side bound on one whole store call; covers a network that silently drops packets.
+    pub operation_timeout: Duration,
+    /// Idle connections are closed after this long.
+    pub idle_timeout: Option<Duration>,
+    /// Connections are recycled after this long (lets a failover or config change take effect).
+    pub max_lifetime: Option<Duration>,
+    /// Accept a role that bypasses row-level security (superuser, BYPASSRLS, or the tables' owner).
+    /// Off by default: tenant isolation would then silently depend on our `WHERE` clauses alone.
+    pub allow_privileged_role: bool,
+    /// Shown in `pg_stat_activity`.
+    pub application_name: String,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            min_connections: 0,
+            acquire_timeout: Duration::from_secs(2),
+            statement_timeout: Some(Duration::from_secs(15)),
+            idle_in_transaction_timeout: Some(Duration::from_secs(10)),
+            operation_timeout: Duration::from_secs(20),
+            idle_timeout: Some(Duration::from_secs(600)),
+            max_lifetime: Some(Duration::from_secs(1800)),
+            allow_privileged_role: false,
+            application_name: "nexus".to_owned(),
+        }
+    }
+}
+
+/// The PostgreSQL store. Cheap to share behind an `Arc`.
+pub struct PostgresStore {
+    pool: PgPool,
+    operation_timeout: Duration,
+}
+
+impl PostgresStore {
+    /// Applies pending migrations as the schema owner (`owner_url`) and grants the application role
+    /// (`nexus_app`) what it needs. Idempotent; safe to run from several processes at once.
+    pub async fn migrate(owner_url: &str) -> anyhow::Result<()> {
+        schema::migrate(owner_url, &MigrateOptions::default()).await
+    }
+
+    /// [`PostgresStore::migrate`] with a different application role.
+    pub async fn migrate_with(owner_url: &str, options: &MigrateOptions) -> anyhow::Result<()> {
+        schema::migrate(owner_url, options).await
+    }
+
+    /// Connects as the application role. Fails, with a message saying what to do, when the database
+    /// is unreachable, when its schema is older or newer than this build, or when the role bypasses
+    /// row-level security (unless `config.allow_privileged_role`).
+    pub async fn connect(app_url: &str, config: PostgresConfig) -> anyhow::Result<Self> {
+        let options = PgConnectOptions::from_str(app_url)
+            .context("parsing the PostgreSQL URL (postgres://user:password@host:port/database)")?;
+        Self::connect_with(options, config).await
+    }
+
+    /// [`PostgresStore::connect`] with options built in code.
+    pub async fn connect_with(
+        options: PgConnectOptions,
+        config: PostgresConfig,
+    ) -> anyhow::Result<Self> {
+        let mut server_settings = vec![("search_path".to_owned(), "public".to_owned())];
+        if let Some(timeout) = config.statement_timeout {
+            server_settings.push((
+                "statement_timeout".to_owned(),
+                timeout.as_millis().to_string(),
+            ));
+        }
+        if let Some(timeout) = config.idle_in_transaction_timeout {
+            server_settings.push((
+                "idle_in_transaction_session_timeout".to_owned(),
+                timeout.as_millis().to_string(),
+            ));
+        }
+        let options = options
+            .application_name(&config.application_name)
+            .options(server_settings)
+            .disable_statement_logging();
+        let target = format!(
+            "{}@{}:{}/{}",
+            options.get_username(),
+            options.get_host(),
+            options.get_port(),
+            options.get_database().unwrap_or("")
+        );
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections.max(1))
+            .min_connections(config.min_connections)
+            .acquire_timeout(config.acquire_timeout)
+            .idle_timeout(config.idle_timeout)
+            .max_lifetime(config.max_lifetime)
+            // A connection broken by a restart or failover is noticed here, not by a request.
+            .test_before_acquire(true)
+            .connect_with(options)
+            .await
+            .with_context(|| format!("connecting to PostgreSQL at {target}"))?;
+        schema::check(&pool, config.allow_privileged_role).await?;
+        Ok(Self {
+            pool,
+            operation_timeout: config.operation_timeout,
+        })
+    }
+
+    /// Opens a transaction scoped to `tenant`: the first statement sets `nexus.tenant` for this
+    /// transaction only (`set_config(..., true)` is SET LOCAL), which the row-level-security policies
+    /// compare every row with. Every tenant-scoped method starts here; the setting ends with the
+    /// transaction, so a pooled connection never carries one tenant into the next caller's work.
+    pub(crate) async fn tenant_tx(
+        &self,
+        tenant: &TenantId,
+    ) -> StoreResult<Transaction<'static, Postgres>> {
+        let mut tx = self.pool.begin().await.map_err(unexpected)?;
+        sqlx::query("SELECT set_config('nexus.tenant', $1, true)")
+            .bind(tenant_key(tenant))
+            .execute(&mut *tx)
+            .await
+            .map_err(unexpected)?;
+        Ok(tx)
+    }
+
+    /// Bounds one store call, so a database that stops answering (not even refusing) cannot hang
+    /// a request. A transaction cut off here is rolled back by the pool.
+    async fn bounded<T>(&self, work: impl Future<Output = StoreResult<T>>) -> StoreResult<T> {
+        if self.pool.is_closed() {
+            return Err(StoreError::Unavailable(anyhow::anyhow!(
+                "the store is closed"
+            )));
+        }
+        match tokio::time::timeout(self.operation_timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Unavailable(anyhow::anyhow!(
+                "the database did not answer within {:?}",
+                self.operation_timeout
+            ))),
+        }
+    }
+}
+
+pub(crate) fn tenant_key(tenant: &TenantId) -> String {
+    tenant.to_string()
+}
+
+fn json_text(value: &impl serde::Serialize) -> StoreResult<String> {
+    serde_json::to_string(value).map_err(|e| StoreError::Unexpected(e.into()))
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn ping(&self) -> StoreResult<()> {
+        self.bounded(async {
+            sqlx::query("SELECT 1")
+                .execute(&self.pool)
+                .await
+                .map_err(unexpected)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn create_pairing(&self, pairing: &Pairing, now: Millis) -> StoreResult<()> {
+        self.bounded(async {
+            let p = pairing;
+            // The lookup function only ever creates pending pairings (see the migration).
+            if p.state != PairingState::Pending || p.device_id.is_some() {
+                return Err(StoreError::Unexpected(anyhow::anyhow!(
+                    "a new pairing must be pending and have no device yet"
+                )));
+            }
+            let Some(code) = p.code.as_ref() else {
+                return Err(StoreError::Unexpected(anyhow::anyhow!(
+                    "a new pairing needs a code"
+                )));
+            };
+            let created =
+                sqlx::query("SELECT nexus_pairing_create($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
+                    .bind(p.id.as_str())
+                    .bind(code.as_str())
+                    .bind(p.tenant.as_ref().map(tenant_key))
+                    .bind(&p.device_name)
+                    .bind(&p.device_type)
+                    .bind(json_text(&p.capabilities)?)
+                    .bind(p.nonce_hash.as_str())
+                    .bind(p.created_at)
+                    .bind(p.expires_at)
+                    .bind(now)
+                    .execute(&self.pool)
+                    .await;
+            match created {
+                Ok(_) => Ok(()),
+                Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
+                    Err(StoreError::Conflict("pairing code in use".into()))
+                }
+                Err(e) => Err(unexpected(e)),
+            }
+        })
+        .await
+    }
+
+    async fn pairing(&self, id: &PairingId) -> StoreResult<Option<Pairing>> {
+        self.bounded(async {
+            let row = sqlx::query("SELECT * FROM nexus_pairing_by_id($1)")
+                .bind(id.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(unexpected)?;
+            row.map(|r| pairing_from_row(&r)).transpose()
+        })
+        .await
+    }
+
+    async fn pairing_by_code(&self, code: &PairingCode) -> StoreResult<Option<Pairing>> {
+        self.bounded(async {
+            let row = sqlx::query("SELECT * FROM nexus_pairing_by_code($1)")
+                .bind(code.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(unexpected)?;
+            row.map(|r| pairing_from_row(&r)).transpose()
+        })
+        .await
+    }
+
+    async fn confirm_pairing(
+        &self,
+        id: &PairingId,
+        tenant: &TenantId,
+        device_id: &DeviceId,
+    ) -> StoreResult<bool> {
+        self.bounded(async {
+            let row = sqlx::query("SELECT nexus_pairing_confirm($1, $2, $3) AS confirmed")
+                .bind(id.as_str())
+                .bind(tenant_key(tenant))
+                .bind(device_id.as_str())
+                .fetch_one(&self.pool)
+                .await
+                .map_err(unexpected)?;
+            row.try_get("confirmed").map_err(unexpected)
+        })
+        .await
+    }
+
+    async fn complete_pairing(&self, id: &PairingId, device: &NewDevice) -> StoreResult<bool> {
+        self.bounded(async {
+            let d = device;
+            // A confirmed pairing belongs to its tenant, so claiming it is ordinary tenant-scoped
+            // work: RLS hides it unless `device.tenant` is the tenant that confirmed it.
+            let mut tx = self.tenant_tx(&d.tenant).await?;
+            let claimed = sqlx::query(
+                "UPDATE pairings SET state = 'completed', code = NULL
+                 WHERE tenant = $1 AND id = $2 AND state = 'confirmed'",
+            )
+            .bind(tenant_key(&d.tenant))
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(unexpected)?;
+            if claimed.rows_affected() != 1 {
+                return Ok(false);
+            }
+            sqlx::query(
+                "INSERT INTO devices (tenant, id, name, device_type, capabilities, paired_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(tenant_key(&d.tenant))
+            .bind(d.id.as_str())
+            .bind(&d.name)
+            .bind(&d.device_type)
+            .bind(json_text(&d.capabilities)?)
+            .bind(d.paired_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(unexpected)?;
+            sqlx::query(
+                "INSERT INTO device_tokens (token_hash, tenant, device_id, created_at)
+                 VALUES ($1, $2, $3, $4)",
+            )
+            .bind(d.token_hash.as_str())
+            .bind(tenant_key(&d.tenant))
+            .bind(d.id.as_str())
+            .bind(d.paired_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(unexpected)?;
+            tx.commit().await.map_err(unexpected)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn device_credential(
+        &self,
+        token_hash: &SecretHash,
+    ) -> StoreResult<Option<DeviceCredential>> {
+        self.bounded(async {
+            let row = sqlx::query(
+                "SELECT token_hash, tenant, device_id FROM nexus_device_credential($1)",
+            )
+            .bind(token_hash.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unexpected)?;
+            row.map(|r| -> StoreResult<DeviceCredential> {
+                let tenant: String = r.try_get("tenant").map_err(unexpected)?;
+                Ok(DeviceCredential {
+                    device_id: DeviceId::from_trusted(r.try_get("device_id").map_err(unexpected)?),
+                    tenant: TenantId::parse_joined(&tenant)
+                        .map_err(|e| StoreError::Unexpected(e.into()))?,
+                    token_hash: SecretHash::from_stored(
+                        r.try_get("token_hash").map_err(unexpected)?,
+                    ),
+                })
+            })
+            .transpose()
+        })
+        .await
+    }
+
+    async fn device(&self, tenant: &TenantId, id: &DeviceId) -> StoreResult<Option<Device>> {
+        self.bounded(async {
+            let mut tx = self.tenant_tx(tenant).await?;
+            let row = sqlx::query("SELECT * FROM devices WHERE tenant = $1 AND id = $2")
+                .bind(tenant_key(tenant))
+                .bind(id.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(unexpected)?;
+            tx.commit().await.map_err(unexpected)?;
+            row.map(|r| device_from_row(&r)).transpose()
+        })
+        .await
+    }
+
+    async fn list_devices(&self, tenant: &TenantId) -> StoreResult<Vec<Device>> {
+        self.bounded(async {
+            let mut tx = self.tenant_tx(tenant).await?;
+            let rows =
+                sqlx::query("SELECT * FROM devices WHERE tenant = $1 ORDER BY paired_at, id")
+                    .bind(tenant_key(tenant))
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(unexpected)?;
+            tx.commit().await.map_err(unexpected)?;
+            rows.iter().map(device_from_row).collect()
+        })
+        .await
+    }
+
+    async fn record_heartbeat(
+        &self,
+        tenant: &TenantId,
+        id: &DeviceId,
+        hb: &Heartbeat,
+    ) -> StoreResult<bool> {
+        self.bounded(async {
+            let mut tx = self.tenant_tx(tenant).await?;
+            let done = sqlx::query(
+                "UPDATE devices SET last_heartbeat_at = $1, reported_status = $2,
+                        agent_version = COALESCE($3, agent_version), metrics = $4
+                 WHERE tenant = $5 AND id = $6",
+            )
+            .bind(hb.at)
+            .bind(&hb.status)
+            .bind(&hb.agent_version)
+            .bind(hb.metrics.to_string())
+            .bind(tenant_key(tenant))
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(unexpected)?;
+            tx.commit().await.map_err(unexpected)?;
+            Ok(done.rows_affected() == 1)
+        })
+        .await
+    }
+
+    async fn enqueue_command(
+        &self,
+        command: &NewCommand,
+        now: Millis,
+    ) -> StoreResult<QueuedCommand> {
+        self.bounded(async {
+            let c = command;
+            let mut tx = self.tenant_tx(&c.tenant).await?;
+            // The queue's counter row is locked until COMMIT, so one device's commands commit in
+            // seq order and a puller's cursor never skips one (see `command_queues` in the migration).
+            let row = sqlx::query(
+                "INSERT INTO command_queues (tenant, device_id, last_seq) VALUES ($1, $2, 1)
+                 ON CONFLICT (tenant, device_id) DO UPDATE SET last_seq = command_queues.last_seq + 1
+                 RETURNING last_seq",
+            )
+            .bind(tenant_key(&c.tenant))
+            .bind(c.device_id.as_str())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(unexpected)?;
+            let seq: i64 = row.try_get("last_seq").map_err(unexpected)?;
+            sqlx::query(
+                "INSERT INTO commands (tenant, device_id, seq, id, body, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(tenant_key(&c.tenant))
+            .bind(c.device_id.as_str())
+            .bind(seq)
+            .bind(c.id.as_str())
+            .bind(json_text(&c.command)?)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(unexpected)?;
+            tx.commit().await.map_err(unexpected)?;
+            Ok(QueuedCommand {
+                seq,
+                command: c.command.clone(),
+            })
+        })
+        .await
+    }
+
+    async fn pending_commands(
+        &self,
+        tenant: &TenantId,
+        device: &DeviceId,
+        after: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<QueuedCommand>> {
+        self.bounded(async {
+            let mut tx = self.tenant_tx(tenant).await?;
+            let rows = sqlx::query(
+                "SELECT seq, body FROM commands
+                 WHERE tenant = $1 AND device_id = $2 AND seq > $3 AND acked_at IS NULL
+                 ORDER BY seq LIMIT $4",
+            )
+            .bind(tenant_key(tenant))
+            .bind(device.as_str())
+            .bind(after)
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(unexpected)?;
+            tx.commit().await.map_err(unexpected)?;
+            rows.iter().map(queued_command_from_row).collect()
+        })
+        .await
+    }
+
+    async fn ack_command(
+        &self,
+        tenant: &TenantId,
+        device: &DeviceId,
+        command: &CommandId,
+        at: Millis,
+    ) -> StoreResult<bool> {
+        self.bounded(async {
+            let mut tx = self.tenant_tx(tenant).await?;
+            let done = sqlx::query(
+                "UPDATE commands SET acked_at = COALESCE(acked_at, $1)
+                 WHERE tenant = $2 AND device_id = $3 AND id = $4",
+            )
+            .bind(at)
+            .bind(tenant_key(tenant))
+            .bind(device.as_str())
+            .bind(command.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(unexpected)?;
+            tx.commit().await.map_err(unexpected)?;
+            Ok(done.rows_affected() == 1)
+        })
+        .await
+    }
+
+    async fn append_reports(
+        &self,
+        tenant: &TenantId,
+        device: Option<&DeviceId>,
+        reports: &[ValidatedReport],
+        now: Millis,
+    ) -> StoreResult<Vec<AppendedEvent>> {
+        self.bounded(append::append_reports(self, tenant, device, reports, now))
+            .await
+    }
+
+    async fn events_after(
+        &self,
+        tenant: &TenantId,
+        session: &SessionId,
+        after: EventId,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        self.bounded(async {
+            let mut tx = self.tenant_tx(tenant).await?;
+            let rows = sqlx::query(
+                "SELECT session_id, event_id, data FROM events
+                 WHERE tenant = $1 AND session_id = $2 AND event_id > $3
+                 ORDER BY event_id LIMIT $4",
+            )
+            .bind(tenant_key(tenant))
+            .bind(session.as_str())
+            .bind(to_sql_id(after))
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(unexpected)?;
+            tx.commit().await.map_err(unexpected)?;
+            rows.iter().map(event_from_row).collect()
+        })
+        .await
+    }
+
+    async fn latest_event(
+        &self,
+        tenant: &TenantId,
+        session: &SessionId,
+        at_or_before: EventId,
+    ) -> StoreResult<Option<StoredEvent>> {
+        self.bounded(async {
+            let mut tx = self.tenant_tx(tenant).await?;
+            let row = sqlx::query(
+                "SELECT session_id, event_id, data FROM events
+                 WHERE tenant = $1 AND session_id = $2 AND event_id <= $3
+                 ORDER BY event_id DESC LIMIT 1",
+            )
+            .bind(tenant_key(tenant))
+            .bind(session.as_str())
+            .bind(to_sql_id(at_or_before))
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(unexpected)?;
+            tx.commit().await.map_err(unexpected)?;
+            row.map(|r| event_from_row(&r)).transpose()
+        })
+        .await
+    }
+
+    async fn last_event_id(&self, tenant: &TenantId, session: &SessionId) -> StoreResult<EventId> {
+        self.bounded(async {
+            let mut tx = self.tenant_tx(tenant).await?;
+            // The session's counter row is committed together with its newest event, so it is the
+            // newest committed id without scanning events.
+            let row = sqlx::query(
+                "SELECT last_event_id FROM sessions WHERE tenant = $1 AND session_id = $2",
+            )
+            .bind(tenant_key(tenant))
+            .bind(session.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(unexpected)?;
+            tx.commit().await.map_err(unexpected)?;
+            let last: i64 = match row {
+                Some(r) => r.try_get("last_event_id").map_err(unexpected)?,
+                None => 0,
+            };
+            Ok(u64::try_from(last).unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn session_devices(
+        &self,
+        tenant: &TenantId,
+        session: &SessionId,
+    ) -> StoreResult<Vec<Device>> {
+        self.bounded(async {
+            let mut tx = self.tenant_tx(tenant).await?;
+            let rows = sqlx::query(
+                "SELECT d.* FROM session_devices s
+                 JOIN devices d ON d.id = s.device_id AND d.tenant = s.tenant
+                 WHERE s.tenant = $1 AND s.session_id = $2
+                 ORDER BY s.last_seen_at DESC LIMIT 100",
+            )
+            .bind(tenant_key(tenant))
+            .bind(session.as_str())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(unexpected)?;
+            tx.commit().await.map_err(unexpected)?;
+            rows.iter().map(device_from_row).collect()
+        })
+        .await
+    }
+}
+
+/// Event ids are u64 on the wire and BIGINT in SQL; ids beyond i64 cannot exist in the store.
+pub(crate) fn to_sql_id(id: EventId) -> i64 {
+    i64::try_from(id).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,117 @@
+//! Start-up checks: a server refuses a database whose schema is not exactly the one it was built for.
+
+mod common;
+
+use common::TestDb;
+use nexus_store::Store;
+use nexus_store_postgres::{MIGRATOR, PostgresConfig, PostgresStore, SchemaError};
+use sqlx::{Connection, PgConnection};
+
+fn schema_error(result: anyhow::Result<PostgresStore>) -> SchemaError {
+    match result {
+        Ok(_) => panic!("expected a schema error"),
+        Err(e) => match e.downcast::<SchemaError>() {
+            Ok(schema) => schema,
+            Err(other) => panic!("expected a schema error, got {other:#}"),
+        },
+    }
+}
+
+#[tokio::test]
+async fn connect_refuses_a_database_that_was_never_migrated() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let err = schema_error(PostgresStore::connect(&db.app_url(), PostgresConfig::default()).await);
+    assert!(matches!(err, SchemaError::NotMigrated), "{err}");
+    assert!(err.to_string().contains("nexus migrate"));
+}
+
+#[tokio::test]
+async fn migrate_is_idempotent_and_connect_accepts_the_result() {
+    let Some(db) = TestDb::migrated().await else {
+        return;
+    };
+    PostgresStore::migrate(&db.owner_url()).await.unwrap();
+    let store = db.store(PostgresConfig::default()).await;
+    store.close().await;
+}
+
+#[tokio::test]
+async fn connect_and_migrate_refuse_a_newer_schema() {
+    let Some(db) = TestDb::migrated().await else {
+        return;
+    };
+    let newest = MIGRATOR.iter().map(|m| m.version).max().unwrap();
+    let mut owner = PgConnection::connect(&db.owner_url()).await.unwrap();
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES ($1, 'from the future', true, '\\x00', 0)",
+    )
+    .bind(newest + 1)
+    .execute(&mut owner)
+    .await
+    .unwrap();
+
+    let err = schema_error(PostgresStore::connect(&db.app_url(), PostgresConfig::default()).await);
+    match &err {
+        SchemaError::Newer { applied, known } => {
+            assert_eq!((*applied, *known), (newest + 1, newest));
+        }
+        other => panic!("expected Newer, got {other}"),
+    }
+    assert!(err.to_string().contains("newer than this build"), "{err}");
+
+    let migrated = PostgresStore::migrate(&db.owner_url()).await;
+    let err = migrated.expect_err("migrate must not run on a newer schema");
+    assert!(
+        matches!(
+            err.downcast_ref::<SchemaError>(),
+            Some(SchemaError::Newer { .. })
+        ),
+        "{err:#}"
+    );
+}
+
+#[tokio::test]
+async fn connect_refuses_a_database_with_missing_migrations() {
+    let Some(db) = TestDb::migrated().await else {
+        return;
+    };
+    let mut owner = PgConnection::connect(&db.owner_url()).await.unwrap();
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 1")
+        .execute(&mut owner)
+        .await
+        .unwrap();
+    let err = schema_error(PostgresStore::connect(&db.app_url(), PostgresConfig::default()).await);
+    assert!(
+        matches!(&err, SchemaError::Missing { missing } if missing == &vec![1]),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn migrate_refuses_an_application_role_that_does_not_exist() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let options = nexus_store_postgres::MigrateOptions {
+        app_role: "nexus_no_such_role".into(),
+    };
+    let err = PostgresStore::migrate_with(&db.owner_url(), &options)
+        .await
+        .expect_err("unknown role");
+    assert!(err.to_string().contains("does not exist"), "{err:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_superuser_may_own_the_schema() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    PostgresStore::migrate(&db.admin_url()).await.unwrap();
+    let store = std::sync::Arc::new(db.store(PostgresConfig::default()).await);
+    nexus_store_tests::pairing_lifecycle(store.clone()).await;
+    nexus_store_tests::event_ids_are_gapless_per_session(store.clone()).await;
+    store.close().await;
+}
