@@ -39,5 +39,6 @@ case "${1:-}" in
   stop) stop ;;
   restart) stop; start ;;
   url) echo "$URL" ;;
-  *) echo "usage: $0 start|stop|restart|url" >&2; exit 2 ;;
+  install) ensure_installed ;;
+  *) echo "usage: $0 start|stop|restart|url|install" >&2; exit 2 ;;
 esac

@@ -21,9 +21,23 @@ pub struct ServerConfig {
     #[arg(long, env = "NEXUS_DATA_DIR", default_value = "./nexus-data")]
     pub data_dir: PathBuf,
 
+    /// PostgreSQL for state shared by several replicas (postgres://nexus_app:...@host/db). The role
+    /// must not bypass row-level security; run `nexus migrate` as the schema owner first. Unset:
+    /// the embedded SQLite store in --data-dir.
+    #[arg(long, env = "NEXUS_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Most PostgreSQL connections this server opens.
+    #[arg(long, env = "NEXUS_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    pub db_max_connections: u32,
+
+    /// How long a request waits for a PostgreSQL connection before failing with 503.
+    #[arg(long, env = "NEXUS_DB_ACQUIRE_TIMEOUT", default_value = "2s", value_parser = duration)]
+    pub db_acquire_timeout: Duration,
+
     /// Redis for live fan-out between replicas (redis://host:6379). Without it, this server
     /// fans out in-process only.
-    #[arg(long, env = "NEXUS_REDIS_URL")]
+    #[arg(long, env = "NEXUS_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 
     /// Enable the /devtools endpoints (never in production).
@@ -93,7 +107,7 @@ pub struct ServerConfig {
     #[arg(long, env = "NEXUS_RESYNC_INTERVAL", default_value = "2s", value_parser = duration)]
     pub resync_interval: Duration,
 
-    /// Connections used for database reads.
+    /// SQLite connections used for reads.
     #[arg(long, env = "NEXUS_DB_READ_CONNECTIONS", default_value_t = 4)]
     pub db_read_connections: u32,
 }

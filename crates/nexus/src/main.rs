@@ -10,6 +10,7 @@ use nexus_bus_redis::RedisBus;
 use nexus_core::bus::EventBus;
 use nexus_server::ServerConfig;
 use nexus_store::Store;
+use nexus_store_postgres::{PostgresConfig, PostgresStore};
 use nexus_store_sqlite::{SqliteConfig, SqliteStore};
 
 #[derive(Debug, Parser)]
@@ -28,12 +29,63 @@ enum Command {
     /// Run the control plane (HTTP API + live streams). Zero configuration: data goes to
     /// ./nexus-data in an embedded SQLite database.
     Server(Box<ServerConfig>),
+    /// Apply database migrations. For PostgreSQL run it as the schema owner; it grants the
+    /// application role what the servers need. The embedded SQLite store migrates itself.
+    Migrate(MigrateArgs),
     /// Print the OpenAPI 3.1 document of the HTTP API (or, with --markdown, the API reference).
     Openapi {
         /// Render the Markdown reference (docs/API.md) instead of JSON.
         #[arg(long)]
         markdown: bool,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct MigrateArgs {
+    /// PostgreSQL URL of the schema owner; unset: migrate the SQLite store in --data-dir.
+    #[arg(long, env = "NEXUS_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// The role the servers connect as (must exist; no BYPASSRLS, not the owner).
+    #[arg(long, env = "NEXUS_APP_ROLE", default_value = nexus_store_postgres::DEFAULT_APP_ROLE)]
+    app_role: String,
+    /// Data directory of the embedded store.
+    #[arg(long, env = "NEXUS_DATA_DIR", default_value = "./nexus-data")]
+    data_dir: std::path::PathBuf,
+}
+
+fn is_postgres(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    match args.database_url.as_deref() {
+        Some(url) if is_postgres(url) => {
+            let options = nexus_store_postgres::MigrateOptions {
+                app_role: args.app_role,
+            };
+            nexus_store_postgres::PostgresStore::migrate_with(url, &options).await?;
+        }
+        Some(_) => anyhow::bail!(
+            "--database-url must be a postgres:// URL (leave it unset for the embedded store)"
+        ),
+        None => {
+            std::fs::create_dir_all(&args.data_dir)?;
+            let _lock = lock_data_dir(&args.data_dir)?;
+            SqliteStore::open(&args.data_dir.join("nexus.db"), SqliteConfig::default())
+                .await?
+                .close()
+                .await;
+        }
+    }
+    println!("migrations applied");
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,6 +100,10 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Migrate(args) => {
+            nexus_server::telemetry::init("warn");
+            runtime()?.block_on(migrate(args))
+        }
         Command::Server(config) => {
             nexus_server::telemetry::init(&config.log);
             raise_open_file_limit();
@@ -61,19 +117,36 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run_server(config: ServerConfig) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
-    let _lock = lock_data_dir(&config.data_dir)?;
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(
-            &config.data_dir.join("nexus.db"),
-            SqliteConfig {
-                read_connections: config.db_read_connections,
-                ..SqliteConfig::default()
-            },
-        )
-        .await?,
-    );
+    let mut _lock = None;
+    let store: Arc<dyn Store> = match config.database_url.as_deref() {
+        Some(url) if is_postgres(url) => {
+            let pool = PostgresConfig {
+                max_connections: config.db_max_connections,
+                acquire_timeout: config.db_acquire_timeout,
+                ..PostgresConfig::default()
+            };
+            Arc::new(PostgresStore::connect(url, pool).await?)
+        }
+        Some(_) => anyhow::bail!(
+            "--database-url must be a postgres:// URL (leave it unset for the embedded store)"
+        ),
+        None => {
+            std::fs::create_dir_all(&config.data_dir).with_context(|| {
+                format!("creating the data directory {}", config.data_dir.display())
+            })?;
+            _lock = Some(lock_data_dir(&config.data_dir)?);
+            Arc::new(
+                SqliteStore::open(
+                    &config.data_dir.join("nexus.db"),
+                    SqliteConfig {
+                        read_connections: config.db_read_connections,
+                        ..SqliteConfig::default()
+                    },
+                )
+                .await?,
+            )
+        }
+    };
     let bus: Option<Arc<dyn EventBus>> = match &config.redis_url {
         Some(url) => Some(Arc::new(RedisBus::new(url)?)),
         None => None,

@@ -5,6 +5,7 @@ mod support;
 
 mod lifecycle;
 mod pairing;
+mod replicas;
 mod reports;
 mod stream;
 mod wire;

@@ -29,10 +29,21 @@ impl TestServer {
         Self::start_with(&[]).await
     }
 
+    /// A server on the backend under test: SQLite by default; with `NEXUS_TEST_BACKEND=postgres`
+    /// a fresh PostgreSQL database (and Redis when `NEXUS_TEST_REDIS_URL` is set).
     pub async fn start_with(extra: &[&str]) -> Self {
         let temp = tempfile::tempdir().expect("tempdir");
         let data_dir = temp.path().join("data");
-        let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        if backend_is_postgres() {
+            args.extend([
+                "--database-url".to_owned(),
+                TestDatabase::create().await.app_url,
+            ]);
+            if let Ok(redis) = std::env::var("NEXUS_TEST_REDIS_URL") {
+                args.extend(["--redis-url".to_owned(), redis]);
+            }
+        }
         Self::spawn(data_dir, Some(temp), args, "http").await
     }
 
@@ -426,4 +437,87 @@ pub fn assert_problem(status: u16, body: &Value, expected_status: u16, code: &st
         "{body}"
     );
     assert!(body["correlation_id"].is_string(), "{body}");
+}
+
+pub fn backend_is_postgres() -> bool {
+    std::env::var("NEXUS_TEST_BACKEND").is_ok_and(|b| b == "postgres")
+}
+
+/// The superuser URL of the test PostgreSQL (`scripts/postgres.sh start` prints it). Tests that
+/// need PostgreSQL fail without it, unless `NEXUS_SKIP_POSTGRES=1` says to skip them.
+pub fn postgres_superuser_url() -> Option<String> {
+    match std::env::var("NEXUS_TEST_DATABASE_URL") {
+        Ok(url) => Some(url),
+        Err(_) if std::env::var("NEXUS_SKIP_POSTGRES").is_ok_and(|v| v == "1") => None,
+        Err(_) => panic!(
+            "set NEXUS_TEST_DATABASE_URL (scripts/postgres.sh start) or NEXUS_SKIP_POSTGRES=1"
+        ),
+    }
+}
+
+/// A fresh database, migrated by `nexus migrate` as its owner, served through the app role.
+pub struct TestDatabase {
+    pub app_url: String,
+}
+
+impl TestDatabase {
+    pub async fn create() -> Self {
+        let superuser = postgres_superuser_url().expect("PostgreSQL is required for this test");
+        Self::create_on(&superuser).await
+    }
+
+    pub async fn create_on(superuser: &str) -> Self {
+        let superuser = superuser.to_owned();
+        let name = format!("nexus_it_{}", ulid_like());
+        psql(&superuser, &format!("CREATE DATABASE {name}"));
+        psql(
+            &superuser,
+            "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'nexus_app') THEN \
+             CREATE ROLE nexus_app LOGIN NOSUPERUSER NOBYPASSRLS; END IF; END $$",
+        );
+        let owner_url = replace_database(&superuser, &name);
+        let out = Command::new(env!("CARGO_BIN_EXE_nexus"))
+            .args(["migrate", "--database-url", &owner_url])
+            .output()
+            .expect("nexus migrate");
+        assert!(
+            out.status.success(),
+            "nexus migrate failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let app_url = replace_user(&owner_url, "nexus_app");
+        Self { app_url }
+    }
+}
+
+fn ulid_like() -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos();
+    format!("{:x}{:x}", nanos, std::process::id())
+}
+
+pub fn psql(url: &str, sql: &str) {
+    let out = Command::new("psql")
+        .args([url, "-v", "ON_ERROR_STOP=1", "-qc", sql])
+        .output()
+        .expect("psql");
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn replace_database(url: &str, database: &str) -> String {
+    let (base, _) = url.rsplit_once('/').expect("url with a database");
+    format!("{base}/{database}")
+}
+
+fn replace_user(url: &str, user: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("url");
+    let host = rest.split_once('@').map_or(rest, |(_, h)| h);
+    format!("{scheme}://{user}@{host}")
 }

@@ -1,0 +1,375 @@
+//! Scale-out: several server processes on one PostgreSQL and one Redis. Publishing on one replica
+//! is seen live on the others with the same ids; Redis outages lose and duplicate nothing;
+//! a PostgreSQL outage turns readiness off and requests fail fast, then everything recovers.
+
+use std::collections::HashSet;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A private Redis for one test, so it can be restarted without disturbing other tests.
+struct Redis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    fn start() -> Self {
+        let mut redis = Self {
+            port: free_port(),
+            child: None,
+        };
+        redis.spawn();
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/redis.sh installs it)");
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis did not start");
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn replica(db: &TestDatabase, redis: &Redis) -> TestServer {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let args = vec![
+        "--database-url".to_owned(),
+        db.app_url.clone(),
+        "--redis-url".to_owned(),
+        redis.url(),
+        "--resync-interval".to_owned(),
+        "300ms".to_owned(),
+    ];
+    TestServer::spawn(temp.path().join("data"), Some(temp), args, "http").await
+}
+
+async fn replicas() -> Option<(TestServer, TestServer, TestDatabase, Redis)> {
+    postgres_superuser_url()?;
+    let db = TestDatabase::create().await;
+    let redis = Redis::start();
+    let a = replica(&db, &redis).await;
+    let b = replica(&db, &redis).await;
+    Some((a, b, db, redis))
+}
+
+/// Pairs across replicas: started on A, confirmed on B, completed on A.
+async fn pair_across(a: &TestServer, b: &TestServer, name: &str) -> PairedDevice {
+    let (_, start) = status_json(
+        a.http
+            .post(a.url("/devices/pairing/start"))
+            .json(&json!({"device_name": name}))
+            .send()
+            .await
+            .expect("start"),
+    )
+    .await;
+    let (s, _) = b
+        .post_json(
+            "/devices/pairing/confirm_by_code",
+            &json!({"pairing_code": start["pairing_code"]}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (s, done) = status_json(
+        a.http
+            .post(a.url("/devices/pairing/complete"))
+            .json(
+                &json!({"pairing_id": start["pairing_id"], "device_nonce": start["device_nonce"]}),
+            )
+            .send()
+            .await
+            .expect("complete"),
+    )
+    .await;
+    assert_eq!(s, 200, "{done}");
+    PairedDevice {
+        id: done["device_id"].as_str().expect("id").to_owned(),
+        token: done["device_token"].as_str().expect("token").to_owned(),
+    }
+}
+
+fn assert_complete_in_order(events: &[SseEvent], n: u64) {
+    let ids: Vec<u64> = events.iter().map(SseEvent::id_u64).collect();
+    assert_eq!(
+        ids,
+        (1..=n).collect::<Vec<_>>(),
+        "every event once, in order"
+    );
+    let reports: HashSet<String> = events
+        .iter()
+        .map(|e| {
+            e.json()["meta"]["report_id"]
+                .as_str()
+                .expect("rid")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(reports.len() as u64, n);
+}
+
+#[tokio::test]
+async fn a_report_pushed_to_one_replica_is_live_on_the_other() {
+    let Some((a, b, _db, _redis)) = replicas().await else {
+        return;
+    };
+    let device = pair_across(&a, &b, "pc").await;
+    let mut on_b = b.subscribe("s-x", None).await;
+    assert_eq!(
+        on_b.next_data(WAIT).await.expect("snapshot").event,
+        "snapshot"
+    );
+    let mut on_a = a.subscribe("s-x", None).await;
+    on_a.next_data(WAIT).await.expect("snapshot");
+    let ids = a
+        .push(
+            &device,
+            (0..20).map(|i| report("s-x", &format!("r{i}"))).collect(),
+        )
+        .await;
+    assert_eq!(ids, (1..=20).collect::<Vec<u64>>());
+    let seen_b = on_b.reports(20, WAIT).await;
+    let seen_a = on_a.reports(20, WAIT).await;
+    assert_complete_in_order(&seen_b, 20);
+    assert_eq!(
+        seen_a.iter().map(|e| e.data.clone()).collect::<Vec<_>>(),
+        seen_b.iter().map(|e| e.data.clone()).collect::<Vec<_>>()
+    );
+    // The device is known on both; its token works against either.
+    let hb = b
+        .device(reqwest::Method::POST, &device, "/heartbeat")
+        .json(&json!({"status": "online"}))
+        .send()
+        .await
+        .expect("hb");
+    assert_eq!(hb.status(), 200);
+    // Replay on B of what A stored.
+    let mut replay = b.subscribe("s-x", Some(15)).await;
+    assert_eq!(
+        replay
+            .reports(5, WAIT)
+            .await
+            .iter()
+            .map(SseEvent::id_u64)
+            .collect::<Vec<_>>(),
+        vec![16, 17, 18, 19, 20]
+    );
+}
+
+#[tokio::test]
+async fn concurrent_publishers_on_both_replicas_are_seen_in_one_order_everywhere() {
+    let Some((a, b, _db, _redis)) = replicas().await else {
+        return;
+    };
+    let mut subscribers = Vec::new();
+    for server in [&a, &b, &a, &b] {
+        let mut sub = server.subscribe("s-both", None).await;
+        sub.next_data(WAIT).await.expect("snapshot");
+        subscribers.push(sub);
+    }
+    let mut publishers = Vec::new();
+    for i in 0..6 {
+        let server = if i % 2 == 0 { &a } else { &b };
+        let device = pair_across(&a, &b, &format!("pub{i}")).await;
+        let (http, url, token) = (
+            server.http.clone(),
+            server.url(&format!("/devices/{}/reports", device.id)),
+            device.token.clone(),
+        );
+        publishers.push(tokio::spawn(async move {
+            for j in 0..100 {
+                let r = http
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .json(&json!({"reports": [report("s-both", &format!("p{i}-{j}"))]}))
+                    .send()
+                    .await
+                    .expect("push");
+                assert_eq!(r.status(), 200);
+            }
+        }));
+    }
+    let readers: Vec<_> = subscribers
+        .into_iter()
+        .map(|mut s| tokio::spawn(async move { s.reports(600, Duration::from_secs(60)).await }))
+        .collect();
+    for p in publishers {
+        p.await.expect("publisher");
+    }
+    for reader in readers {
+        assert_complete_in_order(&reader.await.expect("reader"), 600);
+    }
+}
+
+#[tokio::test]
+async fn a_redis_restart_mid_stream_loses_and_duplicates_nothing() {
+    let Some((a, b, _db, mut redis)) = replicas().await else {
+        return;
+    };
+    let device = pair_across(&a, &b, "pc").await;
+    let mut subscribers = Vec::new();
+    for _ in 0..3 {
+        let mut sub = b.subscribe("s-redis", None).await;
+        sub.next_data(WAIT).await.expect("snapshot");
+        subscribers.push(sub);
+    }
+    let readers: Vec<_> = subscribers
+        .into_iter()
+        .map(|mut s| tokio::spawn(async move { s.reports(300, Duration::from_secs(60)).await }))
+        .collect();
+    for i in 0..300 {
+        if i == 100 {
+            redis.stop();
+        }
+        if i == 200 {
+            redis.spawn();
+        }
+        a.push(&device, vec![report("s-redis", &format!("r{i}"))])
+            .await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for reader in readers {
+        assert_complete_in_order(&reader.await.expect("reader"), 300);
+    }
+}
+
+#[tokio::test]
+async fn a_postgres_outage_fails_fast_and_recovers_without_losing_acknowledged_data() {
+    if postgres_superuser_url().is_none() {
+        return;
+    }
+    // A private cluster, so stopping it does not disturb other tests.
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .expect("chmod");
+    let port = free_port();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/postgres.sh");
+    let pg = |action: &str| {
+        let out = Command::new("bash")
+            .args([script, action])
+            .env("NEXUS_PG_DIR", dir.path().join("pg"))
+            .env("NEXUS_PG_PORT", port.to_string())
+            .output()
+            .expect("postgres.sh");
+        assert!(
+            out.status.success(),
+            "postgres.sh {action}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let superuser = pg("start");
+    let db = TestDatabase::create_on(&superuser).await;
+    let temp = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::spawn(
+        temp.path().join("data"),
+        Some(temp),
+        vec!["--database-url".into(), db.app_url.clone()],
+        "http",
+    )
+    .await;
+    let device = server.pair_device("pc").await;
+    let mut acknowledged = server.push(&device, vec![report("s-pg", "before")]).await;
+
+    pg("stop");
+    let started = std::time::Instant::now();
+    let ready = server
+        .http
+        .get(server.url("/health/ready"))
+        .send()
+        .await
+        .expect("ready");
+    assert_eq!(ready.status(), 503);
+    let r = server
+        .device(reqwest::Method::POST, &device, "/reports")
+        .json(&json!({"reports": [report("s-pg", "during")]}))
+        .send()
+        .await
+        .expect("push");
+    let (s, body) = status_json(r).await;
+    assert_problem(s, &body, 503, "service_unavailable");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "fails fast, took {:?}",
+        started.elapsed()
+    );
+
+    pg("start");
+    let mut recovered = false;
+    for _ in 0..100 {
+        if server
+            .http
+            .get(server.url("/health/ready"))
+            .send()
+            .await
+            .expect("ready")
+            .status()
+            == 200
+        {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "ready again once PostgreSQL is back");
+    acknowledged.extend(server.push(&device, vec![report("s-pg", "after")]).await);
+    let mut stream = server.subscribe("s-pg", Some(0)).await;
+    let events = stream.reports(acknowledged.len(), WAIT).await;
+    assert_eq!(
+        events.iter().map(SseEvent::id_u64).collect::<Vec<_>>(),
+        acknowledged
+    );
+    drop(server);
+    pg("stop");
+}
