@@ -12,14 +12,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use nexus_core::bus::EventBus;
+use nexus_core::bus::{EventBus, RevocationSink};
 use nexus_core::hub::Hub;
-use nexus_domain::{SessionId, TenantId};
+use nexus_domain::{DeviceId, SessionId, TenantId};
 use nexus_store::StoredEvent;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::mpsc;
 
 const CHANNEL_PREFIX: &str = "nexus:ev:";
+/// Device revocations: `origin\ndevice_id`.
+const REVOKE_CHANNEL: &str = "nexus:revoke";
 const QUEUE: usize = 16_384;
 const BATCH: usize = 256;
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -89,11 +91,24 @@ impl EventBus for RedisBus {
         }
     }
 
-    fn start(&self, hub: Hub) {
+    fn announce_revocation(&self, device: &DeviceId) {
+        let message = (
+            REVOKE_CHANNEL.to_owned(),
+            format!("{}\n{device}", self.origin).into_bytes(),
+        );
+        if self.outgoing.try_send(message).is_err() {
+            tracing::warn!(
+                "Redis publish queue full; a revocation reaches peers only after their cache TTL"
+            );
+        }
+    }
+
+    fn start(&self, hub: Hub, revoked: RevocationSink) {
         tokio::spawn(subscribe_loop(
             self.client.clone(),
             self.origin.clone(),
             hub,
+            revoked,
         ));
     }
 }
@@ -130,23 +145,46 @@ async fn publish_loop(client: redis::Client, mut queue: mpsc::Receiver<(String, 
     }
 }
 
-async fn subscribe_loop(client: redis::Client, origin: Arc<str>, hub: Hub) {
+/// Parses a revocation; `None` for our own and for malformed ones.
+fn decode_revocation(own_origin: &str, payload: &[u8]) -> Option<DeviceId> {
+    let (origin, device) = std::str::from_utf8(payload).ok()?.split_once('\n')?;
+    if origin == own_origin {
+        return None;
+    }
+    DeviceId::parse("device_id", device).ok()
+}
+
+async fn subscribe_all(pubsub: &mut redis::aio::PubSub) -> redis::RedisResult<()> {
+    pubsub.psubscribe(format!("{CHANNEL_PREFIX}*")).await?;
+    pubsub.subscribe(REVOKE_CHANNEL).await
+}
+
+async fn subscribe_loop(
+    client: redis::Client,
+    origin: Arc<str>,
+    hub: Hub,
+    revoked: RevocationSink,
+) {
     let mut backoff = Duration::from_millis(100);
     loop {
         match tokio::time::timeout(TIMEOUT, client.get_async_pubsub()).await {
-            Ok(Ok(mut pubsub)) => match pubsub.psubscribe(format!("{CHANNEL_PREFIX}*")).await {
+            Ok(Ok(mut pubsub)) => match subscribe_all(&mut pubsub).await {
                 Ok(()) => {
                     tracing::info!("subscribed to Redis; resynchronizing live sessions");
                     backoff = Duration::from_millis(100);
+                    // Revocations sent while we were away are lost: forget every cached credential.
+                    revoked(None);
                     // Anything published while we were away is in the store.
                     hub.resync_all().await;
                     let mut messages = pubsub.into_on_message();
                     while let Some(message) = messages.next().await {
-                        if let Some((tenant, event)) = decode(
-                            &origin,
-                            message.get_channel_name(),
-                            message.get_payload_bytes(),
-                        ) {
+                        let (channel, payload) =
+                            (message.get_channel_name(), message.get_payload_bytes());
+                        if channel == REVOKE_CHANNEL {
+                            if let Some(device) = decode_revocation(&origin, payload) {
+                                revoked(Some(&device));
+                            }
+                        } else if let Some((tenant, event)) = decode(&origin, channel, payload) {
                             hub.publish(&tenant, event);
                         }
                     }
@@ -180,5 +218,12 @@ mod tests {
         assert!(decode("replica-a", "nexus:ev:acme:web", &payload).is_none());
         assert!(decode("replica-b", "other:acme:web", &payload).is_none());
         assert!(decode("replica-b", "nexus:ev:acme:web", b"garbage").is_none());
+        let device = DeviceId::generate();
+        let revocation = format!("replica-a\n{device}");
+        assert_eq!(
+            decode_revocation("replica-b", revocation.as_bytes()),
+            Some(device)
+        );
+        assert_eq!(decode_revocation("replica-a", revocation.as_bytes()), None);
     }
 }

@@ -2,7 +2,9 @@
 //! truth: messages may be lost (Redis pub/sub is fire-and-forget), so the hub fills any gap it sees
 //! from the store and resynchronizes all live sessions whenever the bus reconnects.
 
-use nexus_domain::TenantId;
+use std::sync::Arc;
+
+use nexus_domain::{DeviceId, TenantId};
 use nexus_store::StoredEvent;
 
 use crate::hub::Hub;
@@ -10,14 +12,21 @@ use crate::hub::Hub;
 pub trait EventBus: Send + Sync + 'static {
     /// Tells the other replicas about a committed event. Never blocks; may drop under pressure.
     fn announce(&self, tenant: &TenantId, event: &StoredEvent);
-    /// Starts delivering the other replicas' events into `hub`.
-    fn start(&self, hub: Hub);
+    /// Tells the other replicas that a device was deleted, so they drop what they cached about it.
+    fn announce_revocation(&self, device: &DeviceId);
+    /// Starts delivering the other replicas' events into `hub` and their revocations to
+    /// `revoked` (`None`: forget every cached credential, e.g. after missing messages).
+    fn start(&self, hub: Hub, revoked: RevocationSink);
 }
+
+/// Receives revocations from other replicas.
+pub type RevocationSink = Arc<dyn Fn(Option<&DeviceId>) + Send + Sync>;
 
 /// A single replica needs no bus: every event is published to the local hub directly.
 pub struct LocalOnly;
 
 impl EventBus for LocalOnly {
     fn announce(&self, _tenant: &TenantId, _event: &StoredEvent) {}
-    fn start(&self, _hub: Hub) {}
+    fn announce_revocation(&self, _device: &DeviceId) {}
+    fn start(&self, _hub: Hub, _revoked: RevocationSink) {}
 }

@@ -11,6 +11,7 @@ use nexus_domain::{
 };
 use nexus_store::{DeviceCredential, Heartbeat, Store};
 
+use crate::bus::EventBus;
 use crate::config::CoreConfig;
 use crate::error::{CoreError, CoreResult};
 
@@ -28,6 +29,7 @@ pub struct AuthenticatedDevice {
 pub struct DeviceService {
     store: Arc<dyn Store>,
     config: Arc<CoreConfig>,
+    bus: Arc<dyn EventBus>,
     // Keyed by token hash; saves a store round trip on every device request (ingest hot path).
     cache: Arc<Mutex<HashMap<String, (DeviceCredential, Instant)>>>,
 }
@@ -41,10 +43,11 @@ pub struct HeartbeatRequest {
 }
 
 impl DeviceService {
-    pub fn new(store: Arc<dyn Store>, config: Arc<CoreConfig>) -> Self {
+    pub fn new(store: Arc<dyn Store>, config: Arc<CoreConfig>, bus: Arc<dyn EventBus>) -> Self {
         Self {
             store,
             config,
+            bus,
             cache: Arc::new(Mutex::new(HashMap::new())),
         }
     }
@@ -102,6 +105,28 @@ impl DeviceService {
                 hash.as_str().to_owned(),
                 (credential.clone(), Instant::now()),
             );
+        }
+    }
+
+    /// Deletes a device: its token stops working at once here, and on the other replicas as soon
+    /// as they hear of it over the bus (at the latest after the credential cache TTL).
+    pub async fn delete(&self, tenant: &TenantId, id: &DeviceId) -> CoreResult<()> {
+        if !self.store.delete_device(tenant, id).await? {
+            return Err(CoreError::not_found("device_not_found", "no such device"));
+        }
+        self.forget(Some(id));
+        self.bus.announce_revocation(id);
+        tracing::info!(device_id = %id, tenant_id = %tenant, "device deleted");
+        Ok(())
+    }
+
+    /// Drops cached credentials of `device` (or of every device).
+    pub fn forget(&self, device: Option<&DeviceId>) {
+        if let Ok(mut cache) = self.cache.lock() {
+            match device {
+                Some(id) => cache.retain(|_, (credential, _)| &credential.device_id != id),
+                None => cache.clear(),
+            }
         }
     }
 

@@ -38,10 +38,12 @@ impl Services {
     pub fn new(store: Arc<dyn Store>, config: CoreConfig, bus: Arc<dyn bus::EventBus>) -> Self {
         let config = Arc::new(config);
         let hub = hub::Hub::new(store.clone(), config.clone());
-        bus.start(hub.clone());
+        let devices = devices::DeviceService::new(store.clone(), config.clone(), bus.clone());
+        let forget = devices.clone();
+        bus.start(hub.clone(), Arc::new(move |device| forget.forget(device)));
         Self {
             pairing: pairing::PairingService::new(store.clone(), &config),
-            devices: devices::DeviceService::new(store.clone(), config.clone()),
+            devices,
             commands: commands::CommandService::new(store.clone()),
             reports: reports::ReportService::new(store.clone(), hub.clone(), bus),
             streams: stream::StreamService::new(store.clone(), hub.clone(), config.clone()),

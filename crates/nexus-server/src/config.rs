@@ -102,6 +102,13 @@ pub struct ServerConfig {
     #[arg(long, env = "NEXUS_DRAIN_TIMEOUT", default_value = "30s", value_parser = duration)]
     pub drain_timeout: Duration,
 
+    /// How long a validated device token is trusted without asking the database. A deleted
+    /// device is refused at once on the replica that deleted it; other replicas hear of it over
+    /// Redis within milliseconds, and at the latest after this TTL. Default: 10s on a single
+    /// server, 0 (always ask the database, so revocation is exact everywhere) with --redis-url.
+    #[arg(long, env = "NEXUS_CREDENTIAL_CACHE_TTL", value_parser = duration)]
+    pub credential_cache_ttl: Option<Duration>,
+
     /// With Redis: how often live sessions are checked against the store for events whose bus
     /// message was lost.
     #[arg(long, env = "NEXUS_RESYNC_INTERVAL", default_value = "2s", value_parser = duration)]
@@ -120,6 +127,13 @@ impl ServerConfig {
             replay_buffer: self.sse_replay_buffer,
             subscriber_queue: self.sse_queue,
             pairing_ttl: self.pairing_ttl,
+            credential_cache_ttl: self.credential_cache_ttl.unwrap_or(
+                if self.redis_url.is_some() {
+                    Duration::ZERO
+                } else {
+                    Duration::from_secs(10)
+                },
+            ),
             ..nexus_core::CoreConfig::default()
         }
     }

@@ -452,6 +452,34 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn delete_device(&self, tenant: &TenantId, id: &DeviceId) -> StoreResult<bool> {
+        self.bounded(async {
+            let mut tx = self.tenant_tx(tenant).await?;
+            for sql in [
+                "DELETE FROM device_tokens WHERE tenant = $1 AND device_id = $2",
+                "DELETE FROM commands WHERE tenant = $1 AND device_id = $2",
+                "DELETE FROM command_queues WHERE tenant = $1 AND device_id = $2",
+                "DELETE FROM session_devices WHERE tenant = $1 AND device_id = $2",
+            ] {
+                sqlx::query(sql)
+                    .bind(tenant_key(tenant))
+                    .bind(id.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unexpected)?;
+            }
+            let done = sqlx::query("DELETE FROM devices WHERE tenant = $1 AND id = $2")
+                .bind(tenant_key(tenant))
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(unexpected)?;
+            tx.commit().await.map_err(unexpected)?;
+            Ok(done.rows_affected() == 1)
+        })
+        .await
+    }
+
     async fn enqueue_command(
         &self,
         command: &NewCommand,

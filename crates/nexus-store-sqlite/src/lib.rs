@@ -353,6 +353,36 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn delete_device(&self, tenant: &TenantId, id: &DeviceId) -> StoreResult<bool> {
+        let (tenant, id) = (tenant_key(tenant), id.clone());
+        self.writer
+            .write(move |conn| {
+                async move {
+                    for sql in [
+                        "DELETE FROM device_tokens WHERE tenant = ? AND device_id = ?",
+                        "DELETE FROM commands WHERE tenant = ? AND device_id = ?",
+                        "DELETE FROM session_devices WHERE tenant = ? AND device_id = ?",
+                    ] {
+                        sqlx::query(sql)
+                            .bind(&tenant)
+                            .bind(id.as_str())
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(unexpected)?;
+                    }
+                    let done = sqlx::query("DELETE FROM devices WHERE tenant = ? AND id = ?")
+                        .bind(&tenant)
+                        .bind(id.as_str())
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(unexpected)?;
+                    Ok(done.rows_affected() == 1)
+                }
+                .boxed()
+            })
+            .await
+    }
+
     async fn enqueue_command(
         &self,
         command: &NewCommand,

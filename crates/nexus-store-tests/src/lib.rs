@@ -29,7 +29,7 @@ macro_rules! conformance_tests {
             pairing_lifecycle, live_codes_are_unique_and_released_on_expiry, heartbeat_is_tenant_scoped,
             command_queue_cursor_and_ack, event_ids_are_gapless_per_session, duplicate_report_ids_are_idempotent,
             concurrent_appends_never_share_or_skip_ids, event_reads_are_tenant_scoped, session_devices_are_tracked,
-            one_request_spans_sessions, concurrent_duplicates_are_stored_once, concurrent_enqueues_keep_seqs_distinct_and_ordered);
+            one_request_spans_sessions, concurrent_duplicates_are_stored_once, concurrent_enqueues_keep_seqs_distinct_and_ordered, deleting_a_device_revokes_it);
     };
     (@cases required $factory:path; $($case:ident),* $(,)?) => {
         $(
@@ -738,4 +738,99 @@ pub async fn concurrent_enqueues_keep_seqs_distinct_and_ordered(store: DynStore)
         .await
         .expect("pending");
     assert_eq!(pending.iter().map(|c| c.seq).collect::<Vec<_>>(), all);
+}
+
+pub async fn deleting_a_device_revokes_it(store: DynStore) {
+    let t = tenant(&unique("org"));
+    let p = pairing(PairingCode::generate().as_str(), now_millis() + 60_000);
+    store
+        .create_pairing(&p, now_millis())
+        .await
+        .expect("create");
+    let device_id = DeviceId::generate();
+    assert!(
+        store
+            .confirm_pairing(&p.id, &t, &device_id)
+            .await
+            .expect("confirm")
+    );
+    let token_hash = SecretHash::of(&unique("tok"));
+    let device = NewDevice {
+        id: device_id.clone(),
+        tenant: t.clone(),
+        name: "pc".into(),
+        device_type: "windows_companion".into(),
+        capabilities: vec![],
+        token_hash: token_hash.clone(),
+        paired_at: now_millis(),
+    };
+    assert!(
+        store
+            .complete_pairing(&p.id, &device)
+            .await
+            .expect("complete")
+    );
+    store
+        .enqueue_command(&command(&t, &device_id, "fs.read"), now_millis())
+        .await
+        .expect("enqueue");
+    store
+        .append_reports(&t, Some(&device_id), &[report("del", "r1")], now_millis())
+        .await
+        .expect("append");
+
+    assert!(
+        !store
+            .delete_device(&tenant(&unique("other")), &device_id)
+            .await
+            .expect("delete"),
+        "other tenants cannot delete it"
+    );
+    assert!(
+        store
+            .device_credential(&token_hash)
+            .await
+            .expect("read")
+            .is_some()
+    );
+    assert!(store.delete_device(&t, &device_id).await.expect("delete"));
+    assert!(
+        store
+            .device_credential(&token_hash)
+            .await
+            .expect("read")
+            .is_none(),
+        "the token is revoked"
+    );
+    assert!(store.device(&t, &device_id).await.expect("read").is_none());
+    assert!(
+        store
+            .pending_commands(&t, &device_id, 0, 10)
+            .await
+            .expect("pending")
+            .is_empty()
+    );
+    let session = SessionId::parse("s", "del").expect("s");
+    assert!(
+        store
+            .session_devices(&t, &session)
+            .await
+            .expect("read")
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .events_after(&t, &session, 0, 10)
+            .await
+            .expect("read")
+            .len(),
+        1,
+        "reports stay"
+    );
+    assert!(
+        !store
+            .delete_device(&t, &device_id)
+            .await
+            .expect("delete again")
+    );
 }

@@ -121,6 +121,10 @@ pub trait Store: Send + Sync + 'static {
         heartbeat: &Heartbeat,
     ) -> StoreResult<bool>;
 
+    /// Deletes the device with its tokens, queued commands and session links. False if the
+    /// tenant has no such device. Its token stops working with the next lookup.
+    async fn delete_device(&self, tenant: &TenantId, id: &DeviceId) -> StoreResult<bool>;
+
     // --- commands ------------------------------------------------------------------------
     async fn enqueue_command(
         &self,

@@ -13,7 +13,7 @@ use nexus_domain::{CommandId, ValidationErrors};
 use serde::Deserialize;
 
 use crate::error::ApiResult;
-use crate::extract::{ApiJson, ApiQuery, Device, REPORT_BODY_LIMIT};
+use crate::extract::{ApiJson, ApiQuery, Device, REPORT_BODY_LIMIT, Tenant};
 use crate::state::AppState;
 
 #[utoipa::path(post, path = "/devices/{id}/heartbeat", tag = "devices",
@@ -128,4 +128,19 @@ pub async fn push_reports(
         count: appended.len(),
         event_ids: appended.iter().map(|e| e.event.event_id).collect(),
     }))
+}
+
+/// Deletes (unpairs) a device of the tenant: its token stops working at once, on every replica.
+#[utoipa::path(delete, path = "/devices/{id}", tag = "devices",
+    params(("id" = String, Path), ("x-org-id" = String, Header), ("x-project-id" = String, Header)),
+    responses((status = 204, description = "deleted"), (status = 404, body = nexus_api::Problem)))]
+pub async fn delete(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> ApiResult<axum::http::StatusCode> {
+    let not_found = || nexus_core::CoreError::not_found("device_not_found", "no such device");
+    let id = nexus_domain::DeviceId::parse("id", &id).map_err(|_| not_found())?;
+    state.services.devices.delete(&tenant, &id).await?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
 }

@@ -47,6 +47,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(pairing::confirm_by_code))
         .routes(routes!(pairing::complete))
         .routes(routes!(devices::heartbeat))
+        .routes(routes!(devices::delete))
         .routes(routes!(devices::commands))
         .routes(routes!(devices::ack))
         .routes(routes!(devices::push_reports))

@@ -373,3 +373,70 @@ async fn a_postgres_outage_fails_fast_and_recovers_without_losing_acknowledged_d
     drop(server);
     pg("stop");
 }
+
+#[tokio::test]
+async fn deleting_a_device_on_one_replica_revokes_it_on_the_other_at_once() {
+    let Some((a, b, db, redis)) = replicas().await else {
+        return;
+    };
+    let device = pair_across(&a, &b, "pc").await;
+    let hb = |server: &TestServer, device: &PairedDevice| {
+        server
+            .device(reqwest::Method::POST, device, "/heartbeat")
+            .json(&json!({"status": "online"}))
+            .send()
+    };
+    assert_eq!(hb(&b, &device).await.expect("hb").status(), 200);
+    let r = a
+        .web(reqwest::Method::DELETE, &format!("/devices/{}", device.id))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), 204);
+    assert_eq!(
+        hb(&b, &device).await.expect("hb").status(),
+        401,
+        "refused on the other replica with no delay"
+    );
+
+    // Operators who let replicas cache credentials still get revocation within milliseconds,
+    // carried by Redis.
+    let caching = |db: &TestDatabase, redis: &Redis| {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let args = vec![
+            "--database-url".to_owned(),
+            db.app_url.clone(),
+            "--redis-url".to_owned(),
+            redis.url(),
+            "--credential-cache-ttl".to_owned(),
+            "1h".to_owned(),
+        ];
+        TestServer::spawn(temp.path().join("data"), Some(temp), args, "http")
+    };
+    let (c, d) = (caching(&db, &redis).await, caching(&db, &redis).await);
+    let device = pair_across(&c, &d, "pc2").await;
+    assert_eq!(
+        hb(&d, &device).await.expect("hb").status(),
+        200,
+        "now cached on d for an hour"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await; // both replicas are subscribed to Redis
+    let r = c
+        .web(reqwest::Method::DELETE, &format!("/devices/{}", device.id))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), 204);
+    let mut refused = false;
+    for _ in 0..50 {
+        if hb(&d, &device).await.expect("hb").status() == 401 {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        refused,
+        "the revocation reached the caching replica over Redis"
+    );
+}

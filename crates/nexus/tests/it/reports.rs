@@ -358,3 +358,70 @@ async fn command_queue_pull_cursor_and_ack() {
     .await;
     assert_eq!(theirs["commands"], json!([]));
 }
+
+#[tokio::test]
+async fn deleting_a_device_revokes_its_token_at_once() {
+    let server = TestServer::start().await;
+    let device = server.pair_device("pc").await;
+    let hb = || {
+        server
+            .device(reqwest::Method::POST, &device, "/heartbeat")
+            .json(&json!({"status": "online"}))
+            .send()
+    };
+    assert_eq!(
+        hb().await.expect("hb").status(),
+        200,
+        "the token is cached now"
+    );
+
+    let (s, b) = status_json(
+        server
+            .http
+            .delete(server.url(&format!("/devices/{}", device.id)))
+            .header("x-org-id", "other")
+            .header("x-project-id", "p")
+            .send()
+            .await
+            .expect("delete"),
+    )
+    .await;
+    assert_problem(s, &b, 404, "device_not_found");
+    let (s, b) = status_json(
+        server
+            .http
+            .delete(server.url(&format!("/devices/{}", device.id)))
+            .send()
+            .await
+            .expect("delete"),
+    )
+    .await;
+    assert_problem(s, &b, 400, "tenant_required");
+
+    let r = server
+        .web(reqwest::Method::DELETE, &format!("/devices/{}", device.id))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), 204);
+    let (s, b) = status_json(hb().await.expect("hb")).await;
+    assert_problem(s, &b, 401, "invalid_token");
+    let (s, b) = status_json(
+        server
+            .web(reqwest::Method::DELETE, &format!("/devices/{}", device.id))
+            .send()
+            .await
+            .expect("delete"),
+    )
+    .await;
+    assert_problem(s, &b, 404, "device_not_found");
+    let (_, devices) = status_json(
+        server
+            .web(reqwest::Method::GET, "/devtools/devices")
+            .send()
+            .await
+            .expect("list"),
+    )
+    .await;
+    assert_eq!(devices["devices"], json!([]));
+}

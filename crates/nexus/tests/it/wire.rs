@@ -239,6 +239,7 @@ async fn openapi_document_lists_every_endpoint() {
         "/devices/pairing/confirm_by_code",
         "/devices/pairing/complete",
         "/devices/{id}/heartbeat",
+        "/devices/{id}",
         "/devices/{id}/commands",
         "/devices/{id}/commands/{cid}/ack",
         "/devices/{id}/reports",
