@@ -1,8 +1,9 @@
 //! Opening a session's live stream (DESIGN.md §5): snapshot or replay first, then live events,
 //! with no gap and no duplicate between the two.
 
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use nexus_domain::report::ValidatedReport;
 use nexus_domain::time::{now_millis, rfc3339};
@@ -20,7 +21,7 @@ pub enum StreamItem {
     /// The session's current state as of `id`; the stream continues after it.
     Snapshot {
         id: EventId,
-        data: String,
+        data: Arc<str>,
     },
     Event(LiveEvent),
 }
@@ -64,11 +65,29 @@ pub struct StreamService {
     store: Arc<dyn Store>,
     hub: Hub,
     config: Arc<CoreConfig>,
+    snapshots: Arc<Mutex<HashMap<(TenantId, SessionId), CachedSnapshot>>>,
 }
+
+/// Many viewers of one session open their streams at about the same time (a page load, a
+/// reconnect wave after a restart): they share one snapshot per position instead of each running
+/// the snapshot's queries. Short-lived, because the device list in it changes without events.
+struct CachedSnapshot {
+    at: EventId,
+    made: Instant,
+    data: Arc<str>,
+}
+
+const SNAPSHOT_TTL: Duration = Duration::from_secs(1);
+const SNAPSHOT_CACHE_ENTRIES: usize = 10_000;
 
 impl StreamService {
     pub fn new(store: Arc<dyn Store>, hub: Hub, config: Arc<CoreConfig>) -> Self {
-        Self { store, hub, config }
+        Self {
+            store,
+            hub,
+            config,
+            snapshots: Arc::new(Mutex::new(HashMap::new())),
+        }
     }
 
     /// Opens a stream. With `cursor`, the events after it are replayed when they are still within
@@ -116,6 +135,40 @@ impl StreamService {
         session: &SessionId,
         at: EventId,
     ) -> CoreResult<StreamItem> {
+        let key = (tenant.clone(), session.clone());
+        if let Ok(cache) = self.snapshots.lock()
+            && let Some(cached) = cache.get(&key)
+            && cached.at == at
+            && cached.made.elapsed() < SNAPSHOT_TTL
+        {
+            return Ok(StreamItem::Snapshot {
+                id: at,
+                data: cached.data.clone(),
+            });
+        }
+        let data: Arc<str> = Arc::from(self.build_snapshot(tenant, session, at).await?);
+        if let Ok(mut cache) = self.snapshots.lock() {
+            if cache.len() >= SNAPSHOT_CACHE_ENTRIES {
+                cache.retain(|_, c| c.made.elapsed() < SNAPSHOT_TTL);
+            }
+            cache.insert(
+                key,
+                CachedSnapshot {
+                    at,
+                    made: Instant::now(),
+                    data: data.clone(),
+                },
+            );
+        }
+        Ok(StreamItem::Snapshot { id: at, data })
+    }
+
+    async fn build_snapshot(
+        &self,
+        tenant: &TenantId,
+        session: &SessionId,
+        at: EventId,
+    ) -> CoreResult<String> {
         let mut data: Value = match self.store.latest_event(tenant, session, at).await? {
             Some(event) => serde_json::from_str(&event.data)
                 .map_err(|e| crate::CoreError::Unexpected(e.into()))?,
@@ -150,10 +203,7 @@ impl StreamService {
                 }),
             );
         }
-        Ok(StreamItem::Snapshot {
-            id: at,
-            data: data.to_string(),
-        })
+        Ok(data.to_string())
     }
 }
 

@@ -30,6 +30,12 @@ pub async fn accept_until(
 ) -> GracefulShutdown {
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    if tls.is_none() {
+        // Without TLS there is no ALPN to offer h2, and the version-sniffing auto connection
+        // costs several KiB per connection more than plain HTTP/1.1 (thousands of idle SSE
+        // streams add up). Behind a TLS-terminating proxy, connections are HTTP/1.1 anyway.
+        builder = builder.http1_only();
+    }
     // A client that trickles its headers (slowloris) must not hold a connection forever.
     builder
         .http1()

@@ -151,10 +151,23 @@ async fn run_server(config: ServerConfig) -> anyhow::Result<()> {
         Some(url) => Some(Arc::new(RedisBus::new(url)?)),
         None => None,
     };
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("listening on {}", config.listen))?;
+    let listener =
+        listen(config.listen).with_context(|| format!("listening on {}", config.listen))?;
     nexus_server::launch(config, store, bus, listener, shutdown_signal()).await
+}
+
+/// Binds with a deep accept queue: thousands of SSE clients reconnect at once after a restart,
+/// and the default backlog (128) drops their SYNs, which costs each a 1 s retransmit.
+fn listen(address: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    const BACKLOG: u32 = 4096;
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(BACKLOG)
 }
 
 /// Two servers on one embedded database would corrupt each other's view; refuse the second.

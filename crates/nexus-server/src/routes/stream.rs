@@ -133,7 +133,7 @@ fn sse_events(
             biased;
             () = st.closing.cancelled() => return None,
             item = st.session.next() => match item {
-                Ok(StreamItem::Snapshot { id, data }) => Event::default().id(id.to_string()).event("snapshot").data(data),
+                Ok(StreamItem::Snapshot { id, data }) => Event::default().id(id.to_string()).event("snapshot").data(&*data),
                 Ok(StreamItem::Event(e)) => Event::default().id(e.event_id.to_string()).event("report").data(&*e.data),
                 Err(end) => {
                     tracing::debug!(?end, "stream ended by the hub");
