@@ -1,0 +1,151 @@
+//! End-to-end self-tests of the harness against the in-process mock server.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::common::{BaseUrl, ProcWatch, Target};
+use crate::target::{Ctx, header_lines};
+use crate::{fanout, idle, ingest, mock};
+
+async fn start_mock() -> (String, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    (url, tokio::spawn(mock::serve(l)))
+}
+
+fn ctx(url: &str) -> Arc<Ctx> {
+    let web_headers = vec![
+        ("x-org-id".to_string(), "o".to_string()),
+        ("x-project-id".to_string(), "p".to_string()),
+    ];
+    Arc::new(Ctx {
+        base: BaseUrl::parse(url).unwrap(),
+        target: Target::Nexus,
+        sse_header_lines: header_lines(&web_headers),
+        web_headers,
+        nchan_pub_path: "/pub/".into(),
+        nchan_sub_path: "/sub/".into(),
+        run: crate::common::run_id(),
+        // Our own process hosts the mock, so sampling it is meaningful.
+        proc: Some(ProcWatch {
+            pid: std::process::id(),
+        }),
+        timeout: Duration::from_secs(5),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_against_mock() {
+    let (url, h) = start_mock().await;
+    let v = ingest::run(
+        ctx(&url),
+        ingest::IngestArgs {
+            connections: 8,
+            devices: 3,
+            sessions: 5,
+            duration: 1.0,
+            warmup: 0.0,
+            requests: Some(400),
+            batch: 2,
+            pair_concurrency: 2,
+        },
+    )
+    .await
+    .unwrap();
+    h.abort();
+    assert_eq!(v["ok_requests"], 400, "{v}");
+    assert_eq!(v["reports_ok"], 800, "{v}");
+    assert_eq!(v["non_2xx"], 0);
+    assert_eq!(v["errors"], 0);
+    assert_eq!(v["tcp_connects"], 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_against_mock() {
+    let (url, h) = start_mock().await;
+    let v = fanout::run(
+        ctx(&url),
+        fanout::FanoutArgs {
+            sessions: 7,
+            subscribers: 60,
+            rate: 200.0,
+            duration: 1.0,
+            publish_connections: 3,
+            connect_concurrency: 16,
+            establish_timeout: 5.0,
+            drain_timeout: 3.0,
+            settle: 0.0,
+        },
+    )
+    .await
+    .unwrap();
+    h.abort();
+    assert_eq!(v["subscribers_established"], 60, "{v}");
+    assert_eq!(v["published_ok"], 200, "{v}");
+    // 200 reports over 7 sessions; sessions 0..3 have 9 subs, 4..6 have 8.
+    // reports per session: 29,29,29,29,28,28,28 -> expected = sum(reports*subs)
+    let expected: u64 = (0..7u64)
+        .map(|s| {
+            let reports = 200 / 7 + u64::from(s < 200 % 7);
+            let subs = 60 / 7 + u64::from(s < 60 % 7);
+            reports * subs
+        })
+        .sum();
+    assert_eq!(v["expected"], expected, "{v}");
+    assert_eq!(v["delivered"], expected, "{v}");
+    assert_eq!(v["duplicates"], 0);
+    assert_eq!(v["out_of_order"], 0);
+    assert_eq!(v["missing"], 0);
+    assert_eq!(v["latency"]["count"], expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_against_mock() {
+    let (url, h) = start_mock().await;
+    let v = idle::run(
+        ctx(&url),
+        idle::IdleArgs {
+            connections: 300,
+            sessions: 10,
+            connect_concurrency: 50,
+            establish_timeout: 5.0,
+            settle: 0.1,
+            hold: 0.1,
+            after_close: 0.1,
+        },
+    )
+    .await
+    .unwrap();
+    h.abort();
+    assert_eq!(v["established"], 300, "{v}");
+    assert_eq!(v["failed"], 0);
+    assert_eq!(v["closed_early"], 0);
+    assert!(v["time_to_establish_all_s"].as_f64().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriber_reports_http_errors() {
+    let (url, h) = start_mock().await;
+    // No tenant headers -> mock answers 401; every subscriber must fail cleanly.
+    let mut c = Arc::try_unwrap(ctx(&url)).ok().unwrap();
+    c.sse_header_lines = String::new();
+    let v = idle::run(
+        Arc::new(c),
+        idle::IdleArgs {
+            connections: 5,
+            sessions: 1,
+            connect_concurrency: 5,
+            establish_timeout: 2.0,
+            settle: 0.0,
+            hold: 0.0,
+            after_close: 0.0,
+        },
+    )
+    .await
+    .unwrap();
+    h.abort();
+    assert_eq!(v["established"], 0, "{v}");
+    assert_eq!(v["failed"], 5);
+    let s = v["failure_samples"][0].as_str().unwrap();
+    assert!(s.contains("401"), "{s}");
+}
