@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone, in one command. It installs and starts what the tests
-# need (a throwaway PostgreSQL and Redis on loopback, unless NEXUS_TEST_DATABASE_URL /
-# NEXUS_TEST_REDIS_URL point at running ones), runs
+# need (a throwaway PostgreSQL on loopback, unless NEXUS_TEST_DATABASE_URL points at a running one;
+# redis-server, which the multi-replica tests start privately so they can restart it), runs
 #   1. every crate's tests: unit tests, the storage conformance suite on SQLite and PostgreSQL,
 #      the integration tests on the embedded store, the multi-replica tests (PostgreSQL + Redis);
-#   2. the integration tests again with every server on PostgreSQL + Redis;
+#   2. the integration tests again with every server on PostgreSQL alone (no Redis: a single
+#      replica needs none); set NEXUS_TEST_REDIS_URL to run this pass with Redis too;
 # and stops what it started. Extra arguments go to the first `cargo test`.
 # NEXUS_SKIP_POSTGRES=1 skips everything that needs PostgreSQL or Redis (nothing else does).
 set -euo pipefail
@@ -34,19 +35,14 @@ if [ "${NEXUS_SKIP_POSTGRES:-}" != 1 ]; then
     NEXUS_TEST_DATABASE_URL=$(./scripts/postgres.sh start)
     export NEXUS_TEST_DATABASE_URL
   fi
-  if [ -z "${NEXUS_TEST_REDIS_URL:-}" ]; then
-    started+=(redis)
-    NEXUS_TEST_REDIS_URL=$(./scripts/redis.sh start)
-    export NEXUS_TEST_REDIS_URL
-  fi
   # The replica tests start private redis-server processes.
   ./scripts/redis.sh install
 fi
 
-echo "== all crates (SQLite default; PostgreSQL conformance and replicas)"
+echo "== all crates (SQLite by default; PostgreSQL conformance; replicas on PostgreSQL + Redis)"
 cargo test --workspace --locked "$@"
 
 if [ "${NEXUS_SKIP_POSTGRES:-}" != 1 ]; then
-  echo "== integration tests with every server on PostgreSQL + Redis"
+  echo "== integration tests with every server on PostgreSQL"
   NEXUS_TEST_BACKEND=postgres cargo test --locked -p nexus --test it
 fi
