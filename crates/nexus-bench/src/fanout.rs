@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tokio::sync::{Semaphore, watch};
 
 use crate::common::{
-    cpu_pct, current_nofile, hist_json, hist_line, new_hist, record, secs, self_cpu_ticks,
+    BaseUrl, cpu_pct, current_nofile, hist_json, hist_line, new_hist, record, secs, self_cpu_ticks,
     sleep_until,
 };
 use crate::http::HttpConn;
@@ -48,6 +48,10 @@ pub struct FanoutArgs {
     /// Pause between "all subscribers established" and the first publish.
     #[arg(long, default_value_t = 0.5)]
     pub settle: f64,
+    /// Base URL the subscribers connect to (loopback only), e.g. a second
+    /// replica; device pairing and publishing use --url. Default: --url.
+    #[arg(long, value_name = "URL")]
+    pub subscribe_url: Option<String>,
 }
 
 struct PubOut {
@@ -73,12 +77,23 @@ pub async fn run(ctx: Arc<Ctx>, a: FanoutArgs) -> Result<Value> {
     let devices: Arc<Vec<Device>> = Arc::new(pair_devices(&ctx, a.publish_connections, 4).await?);
     let session_names: Vec<String> = (0..a.sessions).map(|i| ctx.session(i)).collect();
     let mem0 = ctx.proc.as_ref().map(|p| p.sample());
+    // Subscribers may follow another server than the publishers (cross-replica
+    // delivery); everything else about them is the same.
+    let sub_ctx = match &a.subscribe_url {
+        Some(u) => {
+            let mut c = (*ctx).clone();
+            c.base = BaseUrl::parse(u)?;
+            Arc::new(c)
+        }
+        None => ctx.clone(),
+    };
 
     // --- subscribers -------------------------------------------------------
     eprintln!(
-        "fanout: target={} url={} sessions={} subscribers={} rate={}/s duration={}s",
+        "fanout: target={} url={} subscribe-url={} sessions={} subscribers={} rate={}/s duration={}s",
         ctx.target.as_str(),
         ctx.base.url,
+        sub_ctx.base.url,
         a.sessions,
         a.subscribers,
         a.rate,
@@ -93,7 +108,7 @@ pub async fn run(ctx: Arc<Ctx>, a: FanoutArgs) -> Result<Value> {
     for i in 0..a.subscribers {
         let s = i % a.sessions;
         subs.push(tokio::spawn(sub::run(
-            ctx.clone(),
+            sub_ctx.clone(),
             SubParams {
                 idx: i,
                 session: s,
@@ -331,6 +346,7 @@ pub async fn run(ctx: Arc<Ctx>, a: FanoutArgs) -> Result<Value> {
         "bench": "fanout",
         "target": ctx.target.as_str(),
         "url": ctx.base.url,
+        "subscribe_url": sub_ctx.base.url,
         "sessions": a.sessions,
         "subscribers": a.subscribers,
         "subscribers_established": subs_established,

@@ -19,6 +19,7 @@ pub struct Device {
 }
 
 /// Everything a workload needs to talk to the target.
+#[derive(Clone)]
 pub struct Ctx {
     pub base: BaseUrl,
     pub target: Target,

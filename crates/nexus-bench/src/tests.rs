@@ -75,6 +75,7 @@ async fn fanout_against_mock() {
             establish_timeout: 5.0,
             drain_timeout: 3.0,
             settle: 0.0,
+            subscribe_url: None,
         },
     )
     .await
@@ -148,4 +149,55 @@ async fn subscriber_reports_http_errors() {
     assert_eq!(v["failed"], 5);
     let s = v["failure_samples"][0].as_str().unwrap();
     assert!(s.contains("401"), "{s}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_subscribers_follow_subscribe_url() {
+    // Two independent mocks share nothing, so subscribers on B see none of the
+    // reports published on A: proof that they connected to --subscribe-url.
+    let (url_a, ha) = start_mock().await;
+    let (url_b, hb) = start_mock().await;
+    let v = fanout::run(
+        ctx(&url_a),
+        fanout::FanoutArgs {
+            sessions: 2,
+            subscribers: 4,
+            rate: 100.0,
+            duration: 0.2,
+            publish_connections: 1,
+            connect_concurrency: 4,
+            establish_timeout: 5.0,
+            drain_timeout: 0.3,
+            settle: 0.0,
+            subscribe_url: Some(url_b.clone()),
+        },
+    )
+    .await
+    .unwrap();
+    ha.abort();
+    hb.abort();
+    assert_eq!(v["url"], url_a, "{v}");
+    assert_eq!(v["subscribe_url"], url_b, "{v}");
+    assert_eq!(v["subscribers_established"], 4, "{v}");
+    assert_eq!(v["published_ok"], 20, "{v}");
+    assert_eq!(v["delivered"], 0, "{v}");
+    assert_eq!(v["missing"], v["expected"], "{v}");
+}
+
+#[test]
+fn fanout_subscribe_url_arg() {
+    use clap::Parser;
+    let parse = |extra: &[&str]| {
+        let mut argv = vec!["nexus-bench", "fanout", "--url", "http://127.0.0.1:1"];
+        argv.extend_from_slice(extra);
+        match crate::Cli::try_parse_from(argv).unwrap().cmd {
+            crate::Cmd::Fanout { args, .. } => args.subscribe_url,
+            other => panic!("parsed as {other:?}"),
+        }
+    };
+    assert_eq!(parse(&[]), None);
+    assert_eq!(
+        parse(&["--subscribe-url", "http://127.0.0.1:2"]).as_deref(),
+        Some("http://127.0.0.1:2")
+    );
 }
