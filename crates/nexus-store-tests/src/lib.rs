@@ -93,8 +93,9 @@ fn report(session: &str, report_id: &str) -> ValidatedReport {
         .expect("valid report")
 }
 
-/// Pairs a device directly through the store and returns its id.
-async fn paired_device(store: &DynStore, tenant: &TenantId) -> DeviceId {
+/// Pairs a device directly through the store; returns it with the hash of its token.
+async fn paired_device_with_token(store: &DynStore, tenant: &TenantId) -> (DeviceId, SecretHash) {
+    let token_hash = SecretHash::of(&unique("tok"));
     let p = pairing(PairingCode::generate().as_str(), now_millis() + 60_000);
     store
         .create_pairing(&p, now_millis())
@@ -113,7 +114,7 @@ async fn paired_device(store: &DynStore, tenant: &TenantId) -> DeviceId {
         name: "pc".into(),
         device_type: "windows_companion".into(),
         capabilities: vec![],
-        token_hash: SecretHash::of(&unique("tok")),
+        token_hash: token_hash.clone(),
         paired_at: now_millis(),
     };
     assert!(
@@ -122,7 +123,11 @@ async fn paired_device(store: &DynStore, tenant: &TenantId) -> DeviceId {
             .await
             .expect("complete")
     );
-    device_id
+    (device_id, token_hash)
+}
+
+async fn paired_device(store: &DynStore, tenant: &TenantId) -> DeviceId {
+    paired_device_with_token(store, tenant).await.0
 }
 
 pub async fn pairing_lifecycle(store: DynStore) {
@@ -742,34 +747,7 @@ pub async fn concurrent_enqueues_keep_seqs_distinct_and_ordered(store: DynStore)
 
 pub async fn deleting_a_device_revokes_it(store: DynStore) {
     let t = tenant(&unique("org"));
-    let p = pairing(PairingCode::generate().as_str(), now_millis() + 60_000);
-    store
-        .create_pairing(&p, now_millis())
-        .await
-        .expect("create");
-    let device_id = DeviceId::generate();
-    assert!(
-        store
-            .confirm_pairing(&p.id, &t, &device_id)
-            .await
-            .expect("confirm")
-    );
-    let token_hash = SecretHash::of(&unique("tok"));
-    let device = NewDevice {
-        id: device_id.clone(),
-        tenant: t.clone(),
-        name: "pc".into(),
-        device_type: "windows_companion".into(),
-        capabilities: vec![],
-        token_hash: token_hash.clone(),
-        paired_at: now_millis(),
-    };
-    assert!(
-        store
-            .complete_pairing(&p.id, &device)
-            .await
-            .expect("complete")
-    );
+    let (device_id, token_hash) = paired_device_with_token(&store, &t).await;
     store
         .enqueue_command(&command(&t, &device_id, "fs.read"), now_millis())
         .await
