@@ -19,6 +19,7 @@
 #   SUBSCRIBERS      fan-out subscribers (default 1000); INGEST_CONNECTIONS per replica (default 32)
 #   RESULTS          JSON-lines output (default docs/benchmarks/pg-redis-<timestamp>.jsonl)
 #   KEEP=1           leave PostgreSQL / Redis running at the end
+#   SERVER_ARGS      extra flags for both replicas (e.g. "--credential-cache-ttl 5s")
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -77,7 +78,7 @@ APP_URL="postgres://nexus_app@127.0.0.1:$NEXUS_PG_PORT/$DB"
 start_replica() { # name port
     mkdir -p "$WORK/$1"
     "$NEXUS_BIN" server --listen "127.0.0.1:$2" --data-dir "$WORK/$1" --dev \
-        --database-url "$APP_URL" --redis-url "$REDIS" --log warn >"$WORK/$1.log" 2>&1 &
+        --database-url "$APP_URL" --redis-url "$REDIS" --log warn ${SERVER_ARGS:-} >"$WORK/$1.log" 2>&1 &
     PIDS+=("$!")
     for _ in $(seq 1 100); do
         curl -sf -o /dev/null "http://127.0.0.1:$2/health/ready" && return 0

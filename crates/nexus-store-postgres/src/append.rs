@@ -82,13 +82,25 @@ pub(crate) async fn append_reports(
     reports: &[ValidatedReport],
     now: Millis,
 ) -> StoreResult<Vec<AppendedEvent>> {
+    let sources = vec![(device.map(DeviceId::as_str), now); reports.len()];
+    append_with_sources(store, tenant, reports, &sources).await
+}
+
+/// Appends reports that may come from several requests (see `batch.rs`): `sources[i]` is the
+/// device and receive time of `reports[i]`. All or nothing, like a single request.
+pub(crate) async fn append_with_sources(
+    store: &PostgresStore,
+    tenant: &TenantId,
+    reports: &[ValidatedReport],
+    sources: &[(Option<&str>, Millis)],
+) -> StoreResult<Vec<AppendedEvent>> {
     if reports.is_empty() {
         return Ok(Vec::new());
     }
     let mut look_up_existing = false;
     let mut attempt = 1;
     loop {
-        match try_append(store, tenant, device, reports, now, look_up_existing).await {
+        match try_append(store, tenant, reports, sources, look_up_existing).await {
             Ok(events) => return Ok(events),
             Err(Failure::Fatal(e)) => return Err(e),
             Err(Failure::Retry(e)) if attempt >= MAX_ATTEMPTS => {
@@ -115,9 +127,8 @@ struct Planned<'a> {
 async fn try_append(
     store: &PostgresStore,
     tenant: &TenantId,
-    device: Option<&DeviceId>,
     reports: &[ValidatedReport],
-    now: Millis,
+    sources: &[(Option<&str>, Millis)],
     look_up_existing: bool,
 ) -> Result<Vec<AppendedEvent>, Failure> {
     let tenant_key = tenant_key(tenant);
@@ -210,6 +221,8 @@ async fn try_append(
     let mut out: Vec<Option<AppendedEvent>> = Vec::with_capacity(planned.len());
     let (mut ins_sessions, mut ins_ids, mut ins_reports, mut ins_data) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut ins_devices, mut ins_times): (Vec<Option<String>>, Vec<Millis>) =
+        (Vec::new(), Vec::new());
     for (i, p) in planned.iter().enumerate() {
         let session = &p.report.session_id;
         if let Some((id, data)) =
@@ -230,6 +243,8 @@ async fn try_append(
             ins_ids.push(i64::try_from(id).map_err(|e| StoreError::Unexpected(e.into()))?);
             ins_reports.push(p.report.report_id.clone());
             ins_data.push(data.clone());
+            ins_devices.push(sources[i].0.map(str::to_owned));
+            ins_times.push(sources[i].1);
             out.push(Some(appended(session, id, Arc::from(data), false)));
         }
     }
@@ -237,9 +252,9 @@ async fn try_append(
         let expected = ins_ids.len() as u64;
         let inserted = sqlx::query(
             "INSERT INTO events (tenant, session_id, event_id, report_id, device_id, data, created_at)
-             SELECT $1, k.session_id, k.event_id, k.report_id, $6, k.data, $7
-             FROM unnest($2::text[], $3::bigint[], $4::text[], $5::text[])
-                  AS k(session_id, event_id, report_id, data)
+             SELECT $1, k.session_id, k.event_id, k.report_id, k.device_id, k.data, k.created_at
+             FROM unnest($2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::bigint[])
+                  AS k(session_id, event_id, report_id, data, device_id, created_at)
              ON CONFLICT (tenant, session_id, report_id) DO NOTHING",
         )
         .bind(&tenant_key)
@@ -247,8 +262,8 @@ async fn try_append(
         .bind(ins_ids)
         .bind(ins_reports)
         .bind(ins_data)
-        .bind(device.map(DeviceId::as_str))
-        .bind(now)
+        .bind(ins_devices)
+        .bind(ins_times)
         .execute(&mut *tx)
         .await?;
         if inserted.rows_affected() != expected {
@@ -260,24 +275,37 @@ async fn try_append(
         }
     }
 
-    if let Some(device) = device {
-        let mut sessions: Vec<String> = planned
-            .iter()
-            .map(|p| p.report.session_id.as_str().to_owned())
-            .collect();
-        sessions.sort();
-        sessions.dedup();
+    // Which devices report into which sessions, each pair once, in lock order.
+    let mut seen: BTreeMap<(&str, &str), Millis> = BTreeMap::new();
+    for (p, (device, at)) in planned.iter().zip(sources) {
+        if let Some(device) = device {
+            let entry = seen
+                .entry((p.report.session_id.as_str(), device))
+                .or_insert(*at);
+            *entry = (*entry).max(*at);
+        }
+    }
+    if !seen.is_empty() {
+        let mut sessions = Vec::with_capacity(seen.len());
+        let mut devices = Vec::with_capacity(seen.len());
+        let mut times = Vec::with_capacity(seen.len());
+        for ((session, device), at) in seen {
+            sessions.push(session.to_owned());
+            devices.push(device.to_owned());
+            times.push(at);
+        }
         sqlx::query(
             "INSERT INTO session_devices (tenant, session_id, device_id, last_seen_at)
-             SELECT $1, k.session_id, $3, $4 FROM unnest($2::text[]) AS k(session_id)
-             ORDER BY k.session_id
+             SELECT $1, k.session_id, k.device_id, k.at
+             FROM unnest($2::text[], $3::text[], $4::bigint[]) AS k(session_id, device_id, at)
+             ORDER BY k.session_id, k.device_id
              ON CONFLICT (tenant, session_id, device_id) DO UPDATE SET last_seen_at = EXCLUDED.last_seen_at
              WHERE session_devices.last_seen_at <= EXCLUDED.last_seen_at - $5",
         )
         .bind(&tenant_key)
         .bind(sessions)
-        .bind(device.as_str())
-        .bind(now)
+        .bind(devices)
+        .bind(times)
         .bind(DEVICE_SEEN_RESOLUTION)
         .execute(&mut *tx)
         .await?;

@@ -22,6 +22,7 @@
 //! heals by itself when the database comes back.
 
 mod append;
+mod batch;
 mod rows;
 mod schema;
 
@@ -103,9 +104,12 @@ impl Default for PostgresConfig {
 }
 
 /// The PostgreSQL store. Cheap to share behind an `Arc`.
+#[derive(Clone)]
 pub struct PostgresStore {
     pool: PgPool,
     operation_timeout: Duration,
+    /// Group commit for report appends; `None` inside the batcher's own handle.
+    batcher: Option<batch::AppendBatcher>,
 }
 
 impl PostgresStore {
@@ -170,10 +174,13 @@ impl PostgresStore {
             .await
             .with_context(|| format!("connecting to PostgreSQL at {target}"))?;
         schema::check(&pool, config.allow_privileged_role).await?;
-        Ok(Self {
+        let mut store = Self {
             pool,
             operation_timeout: config.operation_timeout,
-        })
+            batcher: None,
+        };
+        store.batcher = Some(batch::AppendBatcher::start(store.clone()));
+        Ok(store)
     }
 
     /// Opens a transaction scoped to `tenant`: the first statement sets `nexus.tenant` for this
@@ -195,7 +202,10 @@ impl PostgresStore {
 
     /// Bounds one store call, so a database that stops answering (not even refusing) cannot hang
     /// a request. A transaction cut off here is rolled back by the pool.
-    async fn bounded<T>(&self, work: impl Future<Output = StoreResult<T>>) -> StoreResult<T> {
+    pub(crate) async fn bounded<T>(
+        &self,
+        work: impl Future<Output = StoreResult<T>>,
+    ) -> StoreResult<T> {
         if self.pool.is_closed() {
             return Err(StoreError::Unavailable(anyhow::anyhow!(
                 "the store is closed"
@@ -583,8 +593,16 @@ impl Store for PostgresStore {
         reports: &[ValidatedReport],
         now: Millis,
     ) -> StoreResult<Vec<AppendedEvent>> {
-        self.bounded(append::append_reports(self, tenant, device, reports, now))
-            .await
+        match &self.batcher {
+            Some(batcher) => {
+                self.bounded(batcher.append(tenant, device, reports, now))
+                    .await
+            }
+            None => {
+                self.bounded(append::append_reports(self, tenant, device, reports, now))
+                    .await
+            }
+        }
     }
 
     async fn events_after(
