@@ -183,21 +183,30 @@ impl PostgresStore {
         Ok(store)
     }
 
-    /// Opens a transaction scoped to `tenant`: the first statement sets `nexus.tenant` for this
-    /// transaction only (`set_config(..., true)` is SET LOCAL), which the row-level-security policies
+    /// Opens a transaction scoped to `tenant`: together with `BEGIN` it sets `nexus.tenant` for this
+    /// transaction only (`SET LOCAL`), which the row-level-security policies
     /// compare every row with. Every tenant-scoped method starts here; the setting ends with the
     /// transaction, so a pooled connection never carries one tenant into the next caller's work.
     pub(crate) async fn tenant_tx(
         &self,
         tenant: &TenantId,
     ) -> StoreResult<Transaction<'static, Postgres>> {
-        let mut tx = self.pool.begin().await.map_err(unexpected)?;
-        sqlx::query("SELECT set_config('nexus.tenant', $1, true)")
-            .bind(tenant_key(tenant))
-            .execute(&mut *tx)
+        // `BEGIN` and the setting travel in one round trip (a simple-protocol query, which takes no
+        // bind parameters). That is safe only because a tenant key can hold nothing but
+        // `[A-Za-z0-9._-]` and one `:` (TenantId::parse); checked again here, never trusted.
+        let key = tenant_key(tenant);
+        if !key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'))
+        {
+            return Err(StoreError::Unexpected(anyhow::anyhow!(
+                "a tenant key with unexpected characters"
+            )));
+        }
+        self.pool
+            .begin_with(format!("BEGIN; SET LOCAL nexus.tenant = '{key}'"))
             .await
-            .map_err(unexpected)?;
-        Ok(tx)
+            .map_err(unexpected)
     }
 
     /// Bounds one store call, so a database that stops answering (not even refusing) cannot hang
