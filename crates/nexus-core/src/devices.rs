@@ -179,13 +179,6 @@ impl DeviceService {
         Ok(self.store.list_devices(tenant).await?)
     }
 
-    pub async fn get(&self, tenant: &TenantId, id: &DeviceId) -> CoreResult<Device> {
-        self.store
-            .device(tenant, id)
-            .await?
-            .ok_or_else(|| CoreError::not_found("device_not_found", "no such device"))
-    }
-
     pub fn status(&self, device: &Device, now: Millis) -> DeviceStatus {
         device.status(now, self.config.offline_after_millis())
     }

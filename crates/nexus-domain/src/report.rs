@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 
 use crate::ids::{EventId, SessionId};
 use crate::tenant::TenantId;
-use crate::validation::{FieldError, ValidationErrors};
+use crate::validation::{FieldError, ValidationErrors, serde_error_field};
 
 /// Upper bound for one free-text field; the request limit (1 MiB) bounds the whole.
 const MAX_TEXT: usize = 64 * 1024;
@@ -245,7 +245,10 @@ impl ValidatedReport {
         let typed: AgentReport = serde_path_to_error::deserialize(raw).map_err(|e| {
             let path = e.path().to_string();
             let message = e.into_inner().to_string();
-            ValidationErrors(vec![FieldError::new(field_of(&path, &message), message)])
+            ValidationErrors(vec![FieldError::new(
+                serde_error_field(&path, &message),
+                message,
+            )])
         })?;
         check_semantics(&typed)?;
         let session_id = SessionId::parse("meta.session_id", &typed.meta.session_id)?;
@@ -272,19 +275,6 @@ impl ValidatedReport {
             meta.insert("tenant".to_owned(), Value::from(tenant.to_string()));
         }
         Value::Object(json).to_string()
-    }
-}
-
-/// serde reports a missing field at its parent's path; name the missing field itself.
-fn field_of(path: &str, message: &str) -> String {
-    let parent = if path == "." { "" } else { path };
-    let missing = message
-        .strip_prefix("missing field `")
-        .and_then(|rest| rest.split('`').next());
-    match (parent, missing) {
-        ("", Some(name)) => name.to_owned(),
-        (p, Some(name)) => format!("{p}.{name}"),
-        (p, None) => p.to_owned(),
     }
 }
 

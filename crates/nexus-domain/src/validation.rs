@@ -78,3 +78,17 @@ pub fn check_token_chars(
     }
     Ok(())
 }
+
+/// The field a serde (`serde_path_to_error`) error is about, as a JSON path. serde reports a
+/// missing field at its parent's path; this names the missing field itself.
+pub fn serde_error_field(path: &str, message: &str) -> String {
+    let parent = if path == "." { "" } else { path };
+    let missing = message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next());
+    match (parent, missing) {
+        ("", Some(name)) => name.to_owned(),
+        (p, Some(name)) => format!("{p}.{name}"),
+        (p, None) => p.to_owned(),
+    }
+}

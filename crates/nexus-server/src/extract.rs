@@ -8,6 +8,7 @@ use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use futures::StreamExt;
 use nexus_core::devices::AuthenticatedDevice;
+use nexus_domain::validation::serde_error_field;
 use nexus_domain::{FieldError, TenantId, ValidationErrors};
 use serde::de::DeserializeOwned;
 
@@ -119,15 +120,7 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             )
         } else {
             let message = inner.to_string();
-            let missing = message
-                .strip_prefix("missing field `")
-                .and_then(|r| r.split('`').next());
-            let field = match (path.as_str(), missing) {
-                (".", Some(name)) => name.to_owned(),
-                (p, Some(name)) => format!("{p}.{name}"),
-                (".", None) => String::new(),
-                (p, None) => p.to_owned(),
-            };
+            let field = serde_error_field(&path, &message);
             // Strip serde's "at line x column y" position: the field name says more.
             let message = message
                 .split(" at line ")
@@ -249,25 +242,15 @@ where
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         let query = parts.uri.query().unwrap_or("");
-        let deserializer = serde_urlencoded::Deserializer::new(form_urlencoded_parse(query));
+        let deserializer =
+            serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
         serde_path_to_error::deserialize(deserializer)
             .map(ApiQuery)
             .map_err(|e| {
                 let path = e.path().to_string();
                 let message = e.into_inner().to_string();
-                let missing = message
-                    .strip_prefix("missing field `")
-                    .and_then(|r| r.split('`').next());
-                let field = match (path.as_str(), missing) {
-                    (_, Some(name)) => name.to_owned(),
-                    (".", None) => String::new(),
-                    (p, None) => p.to_owned(),
-                };
+                let field = serde_error_field(&path, &message);
                 ApiError::validation(ValidationErrors(vec![FieldError::new(field, message)]))
             })
     }
-}
-
-fn form_urlencoded_parse(query: &str) -> form_urlencoded::Parse<'_> {
-    form_urlencoded::parse(query.as_bytes())
 }
