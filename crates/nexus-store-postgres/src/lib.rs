@@ -45,7 +45,7 @@ use nexus_store::{
     StoreResult, StoredEvent,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, PgPool, Postgres, Row, Transaction};
+use sqlx::{ConnectOptions, Connection as _, PgPool, Postgres, Row, Transaction};
 
 use crate::rows::{
     device_from_row, event_from_row, pairing_from_row, queued_command_from_row, unexpected,
@@ -168,8 +168,19 @@ impl PostgresStore {
             .acquire_timeout(config.acquire_timeout)
             .idle_timeout(config.idle_timeout)
             .max_lifetime(config.max_lifetime)
-            // A connection broken by a restart or failover is noticed here, not by a request.
-            .test_before_acquire(true)
+            // sqlx already pings every connection when it goes back to the pool, so a connection
+            // that was busy a moment ago is known to be good; pinging it again on acquire would
+            // add a round trip to every request. Only a connection that sat idle (where a
+            // database restart or failover may have broken it since) is tested before use.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= IDLE_BEFORE_PING {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options)
             .await
             .with_context(|| format!("connecting to PostgreSQL at {target}"))?;
@@ -229,6 +240,9 @@ impl PostgresStore {
         }
     }
 }
+
+/// How long a pooled connection may sit unused before it is tested again before use.
+const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
 
 pub(crate) fn tenant_key(tenant: &TenantId) -> String {
     tenant.to_string()
