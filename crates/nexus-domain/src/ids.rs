@@ -48,6 +48,8 @@ macro_rules! prefixed_id {
     };
 }
 
+pub(crate) use prefixed_id;
+
 prefixed_id!(
     /// A paired device.
     DeviceId, "dev_"

@@ -115,10 +115,28 @@ pub struct Pairing {
     pub device_id: Option<crate::ids::DeviceId>,
     pub created_at: crate::time::Millis,
     pub expires_at: crate::time::Millis,
+    /// The address the device called from and the agent version it announced, shown to the
+    /// user who previews the code (RFC 8628 §5.4: check it is really your device).
+    pub client_ip: Option<String>,
+    pub agent_version: Option<String>,
 }
 
 impl Pairing {
+    /// A short fingerprint both sides can show: the device derives it from its nonce, the server
+    /// from the nonce's hash, so a user can tell their device's pairing from a phished code.
+    pub fn fingerprint(&self) -> String {
+        pairing_fingerprint(&self.nonce_hash)
+    }
+
     pub fn is_expired(&self, now: crate::time::Millis) -> bool {
         now >= self.expires_at
     }
+}
+
+/// `ABCD-1234` from the SHA-256 of the nonce (the device computes `SecretHash::of(nonce)` first).
+pub fn pairing_fingerprint(nonce_hash: &crate::secret::SecretHash) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("nexus-pairing-fingerprint:{}", nonce_hash.as_str()));
+    let hex = hex::encode_upper(&digest[..4]);
+    format!("{}-{}", &hex[..4], &hex[4..])
 }

@@ -45,6 +45,14 @@ impl TenantId {
         }
     }
 
+    /// From already validated parts (their alphabet is the tenant's).
+    pub fn from_parts(org: &crate::identity::OrgId, project: &crate::identity::ProjectId) -> Self {
+        Self {
+            org: org.as_str().to_owned(),
+            project: project.as_str().to_owned(),
+        }
+    }
+
     pub fn org(&self) -> &str {
         &self.org
     }

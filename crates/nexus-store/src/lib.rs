@@ -5,12 +5,15 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use nexus_domain::audit::{AuditEntry, AuditRecord, AuditScope};
 use nexus_domain::command::{DeviceCommand, NewCommand};
+use nexus_domain::identity::{AuthSession, AuthSessionId, StreamTicket};
 use nexus_domain::report::ValidatedReport;
 use nexus_domain::secret::SecretHash;
 use nexus_domain::time::Millis;
 use nexus_domain::{
-    CommandId, Device, DeviceId, EventId, Pairing, PairingCode, PairingId, SessionId, TenantId,
+    CommandId, Device, DeviceId, Email, EventId, Membership, Org, OrgId, Pairing, PairingCode,
+    PairingId, Project, Role, SessionId, TenantId, User, UserId,
 };
 
 /// Errors a store can produce. Callers map them to HTTP once, at the edge.
@@ -34,6 +37,51 @@ pub struct DeviceCredential {
     pub device_id: DeviceId,
     pub tenant: TenantId,
     pub token_hash: SecretHash,
+    /// The access token stops working at this time; the device refreshes it before.
+    pub expires_at: Millis,
+}
+
+/// A device's token pair: the access token it sends on every call and the refresh token it
+/// trades for a new pair. Only hashes are stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceTokenHashes {
+    pub access_hash: SecretHash,
+    pub access_expires_at: Millis,
+    pub refresh_hash: SecretHash,
+    pub refresh_expires_at: Millis,
+}
+
+/// What presenting a refresh token led to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RefreshOutcome<T> {
+    /// The token was current: it is now spent and the new one is stored.
+    Rotated(T),
+    /// The token was already spent: somebody kept a copy. Nothing was rotated; the caller
+    /// revokes the whole family (and audits it).
+    Reused(T),
+    /// Unknown, expired, or its family is revoked.
+    Invalid,
+}
+
+/// Filters for reading the audit trail, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    /// Entries of any of these scopes (at least one).
+    pub scopes: Vec<AuditScope>,
+    pub since: Option<Millis>,
+    pub until: Option<Millis>,
+    pub action: Option<String>,
+    pub actor_id: Option<String>,
+    /// Only entries older than this cursor (a value returned with a previous page).
+    pub before: Option<i64>,
+    pub limit: u32,
+}
+
+/// One page of audit entries with the cursor for the next page, if there is one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditPage {
+    pub entries: Vec<AuditEntry>,
+    pub next_cursor: Option<i64>,
 }
 
 /// A device that is created when a confirmed pairing is completed.
@@ -44,7 +92,7 @@ pub struct NewDevice {
     pub name: String,
     pub device_type: String,
     pub capabilities: Vec<String>,
-    pub token_hash: SecretHash,
+    pub tokens: DeviceTokenHashes,
     pub paired_at: Millis,
 }
 
@@ -91,7 +139,12 @@ pub trait Store: Send + Sync + 'static {
     // --- pairing -------------------------------------------------------------------------
     /// Stores a new pending pairing. `Conflict` if its code is held by another live pairing
     /// (expired pairings release their codes).
-    async fn create_pairing(&self, pairing: &Pairing, now: Millis) -> StoreResult<()>;
+    async fn create_pairing(
+        &self,
+        pairing: &Pairing,
+        now: Millis,
+        audit: &[AuditRecord],
+    ) -> StoreResult<()>;
     async fn pairing(&self, id: &PairingId) -> StoreResult<Option<Pairing>>;
     /// The pairing that currently holds `code`, if any, expired or not.
     async fn pairing_by_code(&self, code: &PairingCode) -> StoreResult<Option<Pairing>>;
@@ -101,10 +154,16 @@ pub trait Store: Send + Sync + 'static {
         id: &PairingId,
         tenant: &TenantId,
         device_id: &DeviceId,
+        audit: &[AuditRecord],
     ) -> StoreResult<bool>;
     /// confirmed → completed and the device with its token created, atomically.
     /// False if the pairing was no longer confirmed (someone claimed it already).
-    async fn complete_pairing(&self, id: &PairingId, device: &NewDevice) -> StoreResult<bool>;
+    async fn complete_pairing(
+        &self,
+        id: &PairingId,
+        device: &NewDevice,
+        audit: &[AuditRecord],
+    ) -> StoreResult<bool>;
 
     // --- devices -------------------------------------------------------------------------
     async fn device_credential(
@@ -123,7 +182,41 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes the device with its tokens, queued commands and session links. False if the
     /// tenant has no such device. Its token stops working with the next lookup.
-    async fn delete_device(&self, tenant: &TenantId, id: &DeviceId) -> StoreResult<bool>;
+    async fn delete_device(
+        &self,
+        tenant: &TenantId,
+        id: &DeviceId,
+        audit: &[AuditRecord],
+    ) -> StoreResult<bool>;
+
+    /// False if the tenant has no such device.
+    async fn rename_device(
+        &self,
+        tenant: &TenantId,
+        id: &DeviceId,
+        name: &str,
+        audit: &[AuditRecord],
+    ) -> StoreResult<bool>;
+
+    /// Trades the device's current refresh token (by hash) for `new` tokens. A spent refresh
+    /// token of this device answers `Reused` (nothing changes; the caller revokes). The device
+    /// is looked up by id alone (the refresh call carries no tenant); the outcome says which.
+    async fn rotate_device_tokens(
+        &self,
+        device: &DeviceId,
+        presented_refresh: &SecretHash,
+        new: &DeviceTokenHashes,
+        now: Millis,
+    ) -> StoreResult<RefreshOutcome<DeviceCredential>>;
+
+    /// Invalidates every token of the device (access and refresh) without deleting it; it has
+    /// to pair again. False if the tenant has no such device.
+    async fn revoke_device_tokens(
+        &self,
+        tenant: &TenantId,
+        id: &DeviceId,
+        audit: &[AuditRecord],
+    ) -> StoreResult<bool>;
 
     // --- commands ------------------------------------------------------------------------
     async fn enqueue_command(
@@ -182,4 +275,136 @@ pub trait Store: Send + Sync + 'static {
         tenant: &TenantId,
         session: &SessionId,
     ) -> StoreResult<Vec<Device>>;
+
+    // --- organizations, projects, members ------------------------------------------------
+    // Identity tables are control-plane data, not tenant data: they are read before a tenant
+    // is established (sign-in, membership checks), so they carry no tenant column.
+    /// `Conflict` if the org id is taken.
+    async fn create_org(&self, org: &Org, audit: &[AuditRecord]) -> StoreResult<()>;
+    async fn org(&self, id: &OrgId) -> StoreResult<Option<Org>>;
+    /// `Conflict` if the project id is taken in its org; the org must exist (`Conflict` too).
+    async fn create_project(&self, project: &Project, audit: &[AuditRecord]) -> StoreResult<()>;
+    async fn project(&self, tenant: &TenantId) -> StoreResult<Option<Project>>;
+    async fn list_projects(&self, org: &OrgId) -> StoreResult<Vec<Project>>;
+    /// Adds the member or changes their role.
+    async fn put_member(
+        &self,
+        org: &OrgId,
+        user: &UserId,
+        role: Role,
+        now: Millis,
+        audit: &[AuditRecord],
+    ) -> StoreResult<()>;
+    /// False if the user was not a member.
+    async fn remove_member(
+        &self,
+        org: &OrgId,
+        user: &UserId,
+        audit: &[AuditRecord],
+    ) -> StoreResult<bool>;
+    async fn member_role(&self, org: &OrgId, user: &UserId) -> StoreResult<Option<Role>>;
+    /// Members with their emails, sorted by email.
+    async fn list_members(&self, org: &OrgId) -> StoreResult<Vec<Membership>>;
+    /// The organizations a user belongs to, with the role in each.
+    async fn user_orgs(&self, user: &UserId) -> StoreResult<Vec<(OrgId, Role)>>;
+
+    // --- users -----------------------------------------------------------------------------
+    /// `Conflict` if the email is taken.
+    async fn create_user(&self, user: &User, audit: &[AuditRecord]) -> StoreResult<()>;
+    async fn user(&self, id: &UserId) -> StoreResult<Option<User>>;
+    async fn user_by_email(&self, email: &Email) -> StoreResult<Option<User>>;
+    async fn list_users(&self) -> StoreResult<Vec<User>>;
+    async fn count_users(&self) -> StoreResult<u64>;
+    /// Replaces the password hash and sets `password_changed_at`. False if no such user.
+    async fn set_password(
+        &self,
+        user: &UserId,
+        password_hash: &str,
+        at: Millis,
+        audit: &[AuditRecord],
+    ) -> StoreResult<bool>;
+    /// Counts a failed sign-in; returns the new number of consecutive failures.
+    async fn record_login_failure(&self, user: &UserId, at: Millis) -> StoreResult<u32>;
+    /// A successful sign-in resets the count.
+    async fn clear_login_failures(&self, user: &UserId) -> StoreResult<()>;
+    /// Stores the TOTP state (setup, enable, disable) and replaces the recovery codes with
+    /// `recovery_hashes` (empty removes them).
+    async fn set_totp(
+        &self,
+        user: &UserId,
+        totp: &nexus_domain::identity::TotpState,
+        recovery_hashes: &[SecretHash],
+        audit: &[AuditRecord],
+    ) -> StoreResult<bool>;
+    /// Accepts a TOTP time step once: true and remembered if it is later than the last accepted
+    /// step, false for a replay (same or earlier step). Atomic across replicas.
+    async fn use_totp_step(&self, user: &UserId, step: u64) -> StoreResult<bool>;
+    /// Spends a recovery code: true the first time, false if unknown or already used.
+    async fn use_recovery_code(&self, user: &UserId, code_hash: &SecretHash) -> StoreResult<bool>;
+    async fn recovery_codes_left(&self, user: &UserId) -> StoreResult<u32>;
+
+    // --- login sessions --------------------------------------------------------------------
+    async fn create_auth_session(
+        &self,
+        session: &AuthSession,
+        refresh_hash: &SecretHash,
+        audit: &[AuditRecord],
+    ) -> StoreResult<()>;
+    async fn auth_session(&self, id: &AuthSessionId) -> StoreResult<Option<AuthSession>>;
+    /// The user's sessions that are neither revoked nor expired, newest first.
+    async fn list_auth_sessions(&self, user: &UserId, now: Millis)
+    -> StoreResult<Vec<AuthSession>>;
+    /// Spends the presented refresh token and stores `new_refresh` in its family, moving the
+    /// session's `expires_at` to `new_expires_at` and `last_seen_at` to `now`.
+    async fn rotate_refresh_token(
+        &self,
+        presented: &SecretHash,
+        new_refresh: &SecretHash,
+        new_expires_at: Millis,
+        now: Millis,
+    ) -> StoreResult<RefreshOutcome<AuthSession>>;
+    /// Ends a session (logout, reuse detected, removed by its user). False if it was not active.
+    async fn revoke_auth_session(
+        &self,
+        id: &AuthSessionId,
+        now: Millis,
+        audit: &[AuditRecord],
+    ) -> StoreResult<bool>;
+    /// Ends every active session of the user except `keep`; returns the ids ended.
+    async fn revoke_user_sessions(
+        &self,
+        user: &UserId,
+        keep: Option<&AuthSessionId>,
+        now: Millis,
+        audit: &[AuditRecord],
+    ) -> StoreResult<Vec<AuthSessionId>>;
+
+    // --- stream tickets --------------------------------------------------------------------
+    async fn create_stream_ticket(
+        &self,
+        ticket_hash: &SecretHash,
+        ticket: &StreamTicket,
+    ) -> StoreResult<()>;
+    /// Returns the ticket and deletes it (one use), if it exists and has not expired.
+    async fn take_stream_ticket(
+        &self,
+        ticket_hash: &SecretHash,
+        now: Millis,
+    ) -> StoreResult<Option<StreamTicket>>;
+
+    // --- audit -----------------------------------------------------------------------------
+    /// Appends records on their own (sign-in attempts and other events that change nothing
+    /// else). Entries are chained per scope (`AuditEntry::chain`); concurrent writers of a scope
+    /// are serialized so the chain never forks.
+    async fn append_audit(&self, records: &[AuditRecord]) -> StoreResult<()>;
+    async fn audit_entries(&self, query: &AuditQuery) -> StoreResult<AuditPage>;
+    /// One scope's entries with `seq > after_seq`, ascending, at most `limit` (for verifying).
+    async fn audit_chain(
+        &self,
+        scope: &AuditScope,
+        after_seq: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<AuditEntry>>;
+    /// Every scope that has entries (for verifying everything).
+    async fn audit_scopes(&self) -> StoreResult<Vec<AuditScope>>;
 }
