@@ -1,9 +1,10 @@
 //! Wire types of the NEXUS HTTP API, shared by the server (which documents them in OpenAPI),
 //! the agent and the tests, so all three agree on one definition.
 
+use nexus_domain::audit::{Actor, AuditResult, AuditTarget, BrokenLink};
 use nexus_domain::command::{DeviceCommand, Risk};
 use nexus_domain::report::{AgentReport, ApprovalLevel};
-use nexus_domain::{DeviceStatus, FieldError};
+use nexus_domain::{DeviceStatus, FieldError, Role};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -38,6 +39,9 @@ pub struct StartPairingRequest {
     pub device_type: String,
     #[serde(default)]
     pub capabilities: Vec<String>,
+    /// Shown to the confirming user in the preview.
+    #[serde(default)]
+    pub agent_version: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -49,6 +53,25 @@ pub struct StartPairingResponse {
     pub device_nonce: String,
     /// RFC 3339 UTC.
     pub expires_at: String,
+    /// Show this next to the code; the user compares it with the preview (`ABCD-1234`).
+    pub fingerprint: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PairingPreviewResponse {
+    pub pairing_id: String,
+    pub device_name: String,
+    pub device_type: String,
+    pub capabilities: Vec<String>,
+    pub agent_version: Option<String>,
+    /// The address the device called from when it started pairing.
+    pub client_ip: Option<String>,
+    /// When the device started pairing (RFC 3339).
+    pub requested_at: String,
+    pub expires_at: String,
+    pub fingerprint: String,
+    /// `pending` or `confirmed`.
+    pub state: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -73,6 +96,11 @@ pub struct CompletePairingResponse {
     /// Bearer token for every device endpoint. Returned exactly once.
     pub device_token: String,
     pub token_type: String,
+    /// When `device_token` stops working (RFC 3339); refresh before.
+    pub expires_at: String,
+    /// Trade it at `POST /devices/token/refresh` for a new pair; single use.
+    pub refresh_token: String,
+    pub refresh_expires_at: String,
     /// `org:project`.
     pub tenant: String,
     pub org_id: String,
@@ -185,4 +213,263 @@ pub struct HealthResponse {
     /// `ok`, `draining` or `unavailable`.
     pub status: String,
     pub version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DeviceTokenRefreshRequest {
+    pub device_id: String,
+    pub refresh_token: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DeviceTokenRefreshResponse {
+    pub device_id: String,
+    pub device_token: String,
+    pub token_type: String,
+    pub expires_at: String,
+    pub refresh_token: String,
+    pub refresh_expires_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RenameDeviceRequest {
+    pub name: String,
+}
+
+// --- identity ------------------------------------------------------------------------------
+
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
+pub struct LoginRequest {
+    pub email: String,
+    pub password: String,
+    /// Six-digit TOTP code or a recovery code, when the account has two-factor authentication.
+    #[serde(default)]
+    pub totp_code: Option<String>,
+}
+
+impl std::fmt::Debug for LoginRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LoginRequest { .. redacted }")
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct OrgMembershipView {
+    pub org_id: String,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UserView {
+    pub user_id: String,
+    pub email: String,
+    pub display_name: Option<String>,
+    pub mfa_enabled: bool,
+    pub created_at: String,
+    #[serde(default)]
+    pub orgs: Vec<OrgMembershipView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenResponse {
+    /// Ed25519-signed JWT (`kid` header; keys at `/.well-known/jwks.json`).
+    pub access_token: String,
+    pub token_type: String,
+    /// Seconds (900).
+    pub expires_in: u64,
+    /// Opaque `nxr_…`, single use: every refresh returns a new one.
+    pub refresh_token: String,
+    /// Seconds (604800).
+    pub refresh_expires_in: u64,
+    pub session_id: String,
+    pub user: UserView,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RefreshRequest {
+    pub refresh_token: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SessionView {
+    pub session_id: String,
+    pub created_at: String,
+    pub last_seen_at: String,
+    pub expires_at: String,
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub mfa: bool,
+    /// The session this request was made with.
+    pub current: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SessionsResponse {
+    pub sessions: Vec<SessionView>,
+}
+
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
+pub struct ChangePasswordRequest {
+    pub current_password: String,
+    pub new_password: String,
+}
+
+impl std::fmt::Debug for ChangePasswordRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChangePasswordRequest { .. redacted }")
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TotpSetupResponse {
+    /// Base32, for typing into an authenticator app.
+    pub secret: String,
+    pub otpauth_uri: String,
+    /// The URI as a QR code (SVG document).
+    pub qr_svg: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TotpCodeRequest {
+    pub code: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RecoveryCodesResponse {
+    /// Ten single-use codes, shown this once.
+    pub recovery_codes: Vec<String>,
+}
+
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
+pub struct TotpDisableRequest {
+    pub password: String,
+    pub code: String,
+}
+
+impl std::fmt::Debug for TotpDisableRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TotpDisableRequest { .. redacted }")
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct StreamTicketRequest {
+    pub session_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct StreamTicketResponse {
+    /// Pass as `?ticket=` to `/agent/reports/stream` within 60 s; single use.
+    pub ticket: String,
+    pub expires_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateOrgRequest {
+    pub org_id: String,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct OrgView {
+    pub org_id: String,
+    pub name: String,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateProjectRequest {
+    pub project_id: String,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ProjectView {
+    pub org_id: String,
+    pub project_id: String,
+    pub name: String,
+    /// `org:project`.
+    pub tenant: String,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ProjectsResponse {
+    pub projects: Vec<ProjectView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MemberView {
+    pub user_id: String,
+    pub email: String,
+    pub display_name: Option<String>,
+    pub role: Role,
+    pub added_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MembersResponse {
+    pub members: Vec<MemberView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AddMemberRequest {
+    pub email: String,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AddMemberResponse {
+    pub member: MemberView,
+    /// Set when no account existed: a generated password, shown this once; the user should
+    /// change it at first sign-in.
+    pub initial_password: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UpdateMemberRequest {
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditEntryView {
+    pub id: String,
+    pub seq: u64,
+    pub ts: String,
+    /// `org:project`, or `org:*` for organization-level entries.
+    pub tenant_id: String,
+    pub actor: Actor,
+    pub action: String,
+    pub target: Option<AuditTarget>,
+    pub result: AuditResult,
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub correlation_id: Option<String>,
+    #[schema(value_type = Object)]
+    pub details: Value,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditLogsResponse {
+    pub entries: Vec<AuditEntryView>,
+    /// Pass as `cursor` for the next (older) page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditChainView {
+    pub tenant_id: String,
+    pub entries: u64,
+    pub ok: bool,
+    pub broken: Option<BrokenLink>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditVerifyResponse {
+    pub ok: bool,
+    pub chains: Vec<AuditChainView>,
 }

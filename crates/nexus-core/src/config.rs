@@ -18,6 +18,11 @@ pub struct CoreConfig {
     pub pairing_ttl: Duration,
     /// How long a validated device token is trusted without asking the store again.
     pub credential_cache_ttl: Duration,
+    /// Lifetime of a device's access token and of its refresh token.
+    pub device_token_ttl: Duration,
+    pub device_refresh_ttl: Duration,
+    /// Sign-in, sessions and password rules.
+    pub auth: crate::auth::AuthConfig,
 }
 
 impl Default for CoreConfig {
@@ -32,6 +37,9 @@ impl Default for CoreConfig {
             subscriber_queue: 1024,
             gap_fill_after: Duration::from_millis(50),
             credential_cache_ttl: Duration::from_secs(10),
+            device_token_ttl: Duration::from_secs(7 * 24 * 3600),
+            device_refresh_ttl: Duration::from_secs(30 * 24 * 3600),
+            auth: crate::auth::AuthConfig::default(),
         }
     }
 }

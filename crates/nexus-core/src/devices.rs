@@ -4,12 +4,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use nexus_domain::audit::{Actor, AuditResult, AuditScope, AuditTarget};
 use nexus_domain::secret::SecretHash;
 use nexus_domain::time::Millis;
 use nexus_domain::{
     Device, DeviceId, DeviceStatus, DeviceToken, FieldError, TenantId, ValidationErrors,
 };
-use nexus_store::{DeviceCredential, Heartbeat, Store};
+use nexus_store::{DeviceCredential, DeviceTokenHashes, Heartbeat, RefreshOutcome, Store};
+use serde_json::json;
+
+use crate::context::RequestMeta;
 
 use crate::bus::EventBus;
 use crate::config::CoreConfig;
@@ -17,6 +21,53 @@ use crate::error::{CoreError, CoreResult};
 
 /// Bounds the credential cache; when full it is simply emptied (cheap, and refills on demand).
 const CACHE_CAPACITY: usize = 100_000;
+
+/// A device's new token pair, handed out once (at pairing and on each refresh).
+#[derive(Debug, Clone)]
+pub struct IssuedDeviceTokens {
+    pub access_token: DeviceToken,
+    pub access_expires_at: Millis,
+    pub refresh_token: DeviceToken,
+    pub refresh_expires_at: Millis,
+}
+
+/// Lifetimes of device tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceTokenTtls {
+    access: Millis,
+    refresh: Millis,
+}
+
+impl From<&CoreConfig> for DeviceTokenTtls {
+    fn from(config: &CoreConfig) -> Self {
+        let ms = |d: std::time::Duration| Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX);
+        Self {
+            access: ms(config.device_token_ttl),
+            refresh: ms(config.device_refresh_ttl),
+        }
+    }
+}
+
+impl DeviceTokenTtls {
+    /// A fresh pair and what the store keeps of it (hashes only).
+    pub fn issue(&self, now: Millis) -> (IssuedDeviceTokens, DeviceTokenHashes) {
+        let access = DeviceToken::generate();
+        let refresh = DeviceToken::generate_refresh();
+        let hashes = DeviceTokenHashes {
+            access_hash: access.hash(),
+            access_expires_at: now.saturating_add(self.access),
+            refresh_hash: refresh.hash(),
+            refresh_expires_at: now.saturating_add(self.refresh),
+        };
+        let issued = IssuedDeviceTokens {
+            access_token: access,
+            access_expires_at: hashes.access_expires_at,
+            refresh_token: refresh,
+            refresh_expires_at: hashes.refresh_expires_at,
+        };
+        (issued, hashes)
+    }
+}
 
 /// An authenticated device: what every device endpoint acts as.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,6 +109,7 @@ impl DeviceService {
         &self,
         presented: Option<&str>,
         path_device: &str,
+        now: Millis,
     ) -> CoreResult<AuthenticatedDevice> {
         let invalid =
             || CoreError::unauthorized("invalid_token", "a valid device token is required");
@@ -80,6 +132,12 @@ impl DeviceService {
         // Stored hashes are looked up by equality; confirm in constant time before trusting.
         if !credential.token_hash.matches(&hash) {
             return Err(invalid());
+        }
+        if now >= credential.expires_at {
+            return Err(CoreError::unauthorized(
+                "token_expired",
+                "the device token has expired; refresh it with the refresh token",
+            ));
         }
         if credential.device_id.as_str() != path_device {
             return Err(CoreError::not_found("device_not_found", "no such device"));
@@ -110,14 +168,135 @@ impl DeviceService {
 
     /// Deletes a device: its token stops working at once here, and on the other replicas as soon
     /// as they hear of it over the bus (at the latest after the credential cache TTL).
-    pub async fn delete(&self, tenant: &TenantId, id: &DeviceId) -> CoreResult<()> {
-        if !self.store.delete_device(tenant, id).await? {
+    pub async fn delete(
+        &self,
+        actor: Actor,
+        tenant: &TenantId,
+        id: &DeviceId,
+        meta: &RequestMeta,
+        now: Millis,
+    ) -> CoreResult<()> {
+        let audit = meta.audit(
+            AuditScope::Tenant(tenant.clone()),
+            now,
+            actor,
+            "device.delete",
+            Some(AuditTarget::new("device", id)),
+            AuditResult::Success,
+            json!({}),
+        );
+        if !self.store.delete_device(tenant, id, &[audit]).await? {
             return Err(CoreError::not_found("device_not_found", "no such device"));
         }
-        self.forget(Some(id));
-        self.bus.announce_revocation(id);
+        self.revoked(id);
         tracing::info!(device_id = %id, tenant_id = %tenant, "device deleted");
         Ok(())
+    }
+
+    fn revoked(&self, id: &DeviceId) {
+        self.forget(Some(id));
+        self.bus.announce_revocation(id);
+    }
+
+    pub async fn get(&self, tenant: &TenantId, id: &DeviceId) -> CoreResult<Device> {
+        self.store
+            .device(tenant, id)
+            .await?
+            .ok_or_else(|| CoreError::not_found("device_not_found", "no such device"))
+    }
+
+    pub async fn rename(
+        &self,
+        actor: Actor,
+        tenant: &TenantId,
+        id: &DeviceId,
+        name: &str,
+        meta: &RequestMeta,
+        now: Millis,
+    ) -> CoreResult<Device> {
+        let name = name.trim();
+        if name.is_empty() || name.chars().count() > 128 || name.chars().any(char::is_control) {
+            return Err(
+                ValidationErrors::single("name", "must be 1 to 128 printable characters").into(),
+            );
+        }
+        let audit = meta.audit(
+            AuditScope::Tenant(tenant.clone()),
+            now,
+            actor,
+            "device.rename",
+            Some(AuditTarget::new("device", id)),
+            AuditResult::Success,
+            json!({"name": name}),
+        );
+        if !self.store.rename_device(tenant, id, name, &[audit]).await? {
+            return Err(CoreError::not_found("device_not_found", "no such device"));
+        }
+        self.get(tenant, id).await
+    }
+
+    /// Trades a device's refresh token for a new pair. Presenting a spent refresh token means
+    /// a copy exists somewhere: every token of the device is revoked (it must pair again).
+    pub async fn refresh_tokens(
+        &self,
+        device_id: &str,
+        presented_refresh: &str,
+        meta: &RequestMeta,
+        now: Millis,
+    ) -> CoreResult<IssuedDeviceTokens> {
+        let invalid = || {
+            CoreError::unauthorized(
+                "invalid_refresh_token",
+                "the refresh token is invalid, expired or was revoked; pair the device again",
+            )
+        };
+        let device_id = DeviceId::parse("device_id", device_id)?;
+        let presented =
+            DeviceToken::from_presented_refresh(presented_refresh).ok_or_else(invalid)?;
+        let (issued, hashes) = DeviceTokenTtls::from(self.config.as_ref()).issue(now);
+        match self
+            .store
+            .rotate_device_tokens(&device_id, &presented.hash(), &hashes, now)
+            .await?
+        {
+            RefreshOutcome::Rotated(credential) => {
+                let audit = meta.audit(
+                    AuditScope::Tenant(credential.tenant.clone()),
+                    now,
+                    Actor::device(&device_id),
+                    "device.token_refresh",
+                    Some(AuditTarget::new("device", &device_id)),
+                    AuditResult::Success,
+                    json!({}),
+                );
+                self.store.append_audit(&[audit]).await?;
+                // The old access token is gone from the store; drop it from caches too.
+                self.revoked(&device_id);
+                Ok(issued)
+            }
+            RefreshOutcome::Reused(credential) => {
+                let audit = meta.audit(
+                    AuditScope::Tenant(credential.tenant.clone()),
+                    now,
+                    Actor::device(&device_id),
+                    "device.refresh_reuse",
+                    Some(AuditTarget::new("device", &device_id)),
+                    AuditResult::Denied,
+                    json!({"revoked": true}),
+                );
+                self.store
+                    .revoke_device_tokens(&credential.tenant, &device_id, &[audit])
+                    .await?;
+                self.revoked(&device_id);
+                tracing::warn!(device_id = %device_id, tenant_id = %credential.tenant,
+                    "device refresh token reused; device tokens revoked");
+                Err(CoreError::unauthorized(
+                    "refresh_token_reused",
+                    "this refresh token was already used; the device's tokens are revoked, pair it again",
+                ))
+            }
+            RefreshOutcome::Invalid => Err(invalid()),
+        }
     }
 
     /// Drops cached credentials of `device` (or of every device).

@@ -22,6 +22,12 @@ pub enum CoreError {
     Gone { code: &'static str, detail: String },
     #[error("{detail}")]
     TooLarge { code: &'static str, detail: String },
+    #[error("{detail}")]
+    TooManyRequests {
+        code: &'static str,
+        detail: String,
+        retry_after_secs: u64,
+    },
     #[error("service unavailable: {0:#}")]
     Unavailable(anyhow::Error),
     #[error("unexpected: {0:#}")]

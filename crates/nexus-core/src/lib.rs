@@ -2,9 +2,13 @@
 //! Handlers call these; these call the storage interface. Nothing here knows HTTP or SQL, so the
 //! same services serve every transport and every backend.
 
+pub mod accounts;
+pub mod audit;
+pub mod auth;
 pub mod bus;
 pub mod commands;
 pub mod config;
+pub mod context;
 pub mod devices;
 pub mod error;
 pub mod hub;
@@ -12,11 +16,12 @@ pub mod pairing;
 pub mod reports;
 pub mod stream;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use nexus_store::Store;
 
 pub use config::CoreConfig;
+pub use context::RequestMeta;
 pub use error::{CoreError, CoreResult};
 
 /// Everything a transport needs, wired once at start-up.
@@ -30,12 +35,26 @@ pub struct Services {
     pub commands: commands::CommandService,
     pub reports: reports::ReportService,
     pub streams: stream::StreamService,
+    pub auth: auth::AuthService,
+    pub access: auth::AccessService,
+    pub accounts: accounts::AccountService,
+    pub audit: audit::AuditService,
 }
 
 impl Services {
     /// Wires the services. `bus` connects this replica's hub to the others (use
     /// [`bus::LocalOnly`] for a single replica).
-    pub fn new(store: Arc<dyn Store>, config: CoreConfig, bus: Arc<dyn bus::EventBus>) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        config: CoreConfig,
+        bus: Arc<dyn bus::EventBus>,
+        keys: nexus_auth::jwt::KeyRing,
+    ) -> Self {
+        let auth = auth::AuthService::new(
+            store.clone(),
+            Arc::new(RwLock::new(keys)),
+            config.auth.clone(),
+        );
         let config = Arc::new(config);
         let hub = hub::Hub::new(store.clone(), config.clone());
         let devices = devices::DeviceService::new(store.clone(), config.clone(), bus.clone());
@@ -47,6 +66,10 @@ impl Services {
             commands: commands::CommandService::new(store.clone()),
             reports: reports::ReportService::new(store.clone(), hub.clone(), bus),
             streams: stream::StreamService::new(store.clone(), hub.clone(), config.clone()),
+            access: auth::AccessService::new(store.clone()),
+            accounts: accounts::AccountService::new(store.clone(), auth.clone()),
+            audit: audit::AuditService::new(store.clone()),
+            auth,
             hub,
             store,
             config,

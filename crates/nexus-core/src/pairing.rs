@@ -2,15 +2,18 @@
 
 use std::sync::Arc;
 
+use nexus_domain::audit::{Actor, AuditResult, AuditScope, AuditTarget};
 use nexus_domain::secret::{SecretHash, random_secret};
 use nexus_domain::time::Millis;
 use nexus_domain::validation::check_token_chars;
 use nexus_domain::{
-    DeviceId, DeviceToken, FieldError, Pairing, PairingCode, PairingId, PairingState, TenantId,
-    ValidationErrors,
+    DeviceId, FieldError, Pairing, PairingCode, PairingId, PairingState, TenantId, ValidationErrors,
 };
 use nexus_store::{NewDevice, Store, StoreError};
+use serde_json::json;
 
+use crate::auth::Principal;
+use crate::context::RequestMeta;
 use crate::error::{CoreError, CoreResult};
 
 const MAX_CAPABILITIES: usize = 64;
@@ -23,6 +26,7 @@ pub struct PairingRequest {
     pub device_name: String,
     pub device_type: String,
     pub capabilities: Vec<String>,
+    pub agent_version: Option<String>,
 }
 
 impl PairingRequest {
@@ -37,6 +41,11 @@ impl PairingRequest {
         }
         let token = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':');
         if let Err(e) = check_token_chars("device_type", &self.device_type, 64, token) {
+            errors.extend(e.0);
+        }
+        if let Some(version) = &self.agent_version
+            && let Err(e) = check_token_chars("agent_version", version, 64, token)
+        {
             errors.extend(e.0);
         }
         if self.capabilities.len() > MAX_CAPABILITIES {
@@ -65,26 +74,48 @@ pub struct PairingStarted {
     /// Handed to the device only; proves at completion that it is the same device.
     pub device_nonce: String,
     pub expires_at: Millis,
+    /// Shown by the device and by the preview, so the user can match them.
+    pub fingerprint: String,
+}
+
+/// What the confirming user sees before confirming (RFC 8628 §5.4).
+#[derive(Debug, Clone)]
+pub struct PairingPreview {
+    pub pairing: Pairing,
+    pub fingerprint: String,
 }
 
 #[derive(Debug, Clone)]
 pub struct PairingCompleted {
     pub device_id: DeviceId,
-    pub device_token: DeviceToken,
     pub tenant: TenantId,
+    pub tokens: crate::devices::IssuedDeviceTokens,
 }
 
 #[derive(Clone)]
 pub struct PairingService {
     store: Arc<dyn Store>,
     ttl_millis: Millis,
+    token_ttls: crate::devices::DeviceTokenTtls,
+    /// Wrong codes per user and per client address (RFC 8628 §5.2: codes are guessable).
+    wrong_codes: Arc<nexus_auth::throttle::SlidingWindowLimiter>,
 }
+
+/// Wrong pairing codes one user or one address may try per window.
+pub const WRONG_CODES_PER_WINDOW: u32 = 5;
+const WRONG_CODE_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl PairingService {
     pub fn new(store: Arc<dyn Store>, config: &crate::CoreConfig) -> Self {
         Self {
             store,
             ttl_millis: i64::try_from(config.pairing_ttl.as_millis()).unwrap_or(i64::MAX),
+            token_ttls: crate::devices::DeviceTokenTtls::from(config),
+            wrong_codes: Arc::new(nexus_auth::throttle::SlidingWindowLimiter::new(
+                WRONG_CODES_PER_WINDOW,
+                WRONG_CODE_WINDOW,
+                100_000,
+            )),
         }
     }
 
@@ -92,6 +123,7 @@ impl PairingService {
         &self,
         request: PairingRequest,
         tenant: Option<TenantId>,
+        meta: &RequestMeta,
         now: Millis,
     ) -> CoreResult<PairingStarted> {
         request.validate()?;
@@ -109,10 +141,27 @@ impl PairingService {
                 device_id: None,
                 created_at: now,
                 expires_at: now.saturating_add(self.ttl_millis),
+                client_ip: meta.ip.map(|ip| ip.to_string()),
+                agent_version: request.agent_version.clone(),
             };
-            match self.store.create_pairing(&pairing, now).await {
+            let audit: Vec<_> = tenant
+                .iter()
+                .map(|t| {
+                    meta.audit(
+                        AuditScope::Tenant(t.clone()),
+                        now,
+                        Actor::system(),
+                        "pairing.start",
+                        Some(AuditTarget::new("pairing", &pairing.id)),
+                        AuditResult::Success,
+                        json!({"device_name": pairing.device_name, "device_type": pairing.device_type}),
+                    )
+                })
+                .collect();
+            match self.store.create_pairing(&pairing, now, &audit).await {
                 Ok(()) => {
                     return Ok(PairingStarted {
+                        fingerprint: pairing.fingerprint(),
                         code: pairing
                             .code
                             .clone()
@@ -131,32 +180,94 @@ impl PairingService {
         )))
     }
 
-    pub async fn confirm_by_code(
+    /// Counts a wrong code against the user and the client address; refuses once either has
+    /// used up its tries for the window.
+    fn check_guessing(
         &self,
+        principal: &Principal,
+        meta: &RequestMeta,
+        now: Millis,
+    ) -> CoreResult<()> {
+        let user_key = format!("user:{}", principal.user_id);
+        let ip_key = meta.ip.map(|ip| format!("ip:{ip}"));
+        let over = self.wrong_codes.count(&user_key, now) >= WRONG_CODES_PER_WINDOW
+            || ip_key
+                .as_ref()
+                .is_some_and(|k| self.wrong_codes.count(k, now) >= WRONG_CODES_PER_WINDOW);
+        if over {
+            return Err(CoreError::TooManyRequests {
+                code: "too_many_wrong_codes",
+                detail: format!(
+                    "at most {WRONG_CODES_PER_WINDOW} wrong pairing codes per 10 minutes; wait and try again"
+                ),
+                retry_after_secs: WRONG_CODE_WINDOW.as_secs(),
+            });
+        }
+        Ok(())
+    }
+
+    fn wrong_code(&self, principal: &Principal, meta: &RequestMeta, now: Millis) {
+        self.wrong_codes
+            .hit(&format!("user:{}", principal.user_id), now);
+        if let Some(ip) = meta.ip {
+            self.wrong_codes.hit(&format!("ip:{ip}"), now);
+        }
+    }
+
+    /// The live pairing behind `code` as `tenant` may see it; every miss counts as a wrong code.
+    async fn find_for(
+        &self,
+        principal: &Principal,
         tenant: &TenantId,
         code: &PairingCode,
+        meta: &RequestMeta,
         now: Millis,
-    ) -> CoreResult<DeviceId> {
+    ) -> CoreResult<Pairing> {
+        self.check_guessing(principal, meta, now)?;
         let not_found =
             || CoreError::not_found("pairing_not_found", "no pairing is waiting for this code");
-        let pairing = self
-            .store
-            .pairing_by_code(code)
-            .await?
-            .ok_or_else(not_found)?;
-        // A pairing that named its tenant at start is invisible to every other tenant.
-        if pairing.tenant.as_ref().is_some_and(|t| t != tenant) {
+        let found = self.store.pairing_by_code(code).await?.filter(|p| {
+            // A pairing that named its tenant at start is invisible to every other tenant.
+            p.tenant.as_ref().is_none_or(|t| t == tenant) && p.state != PairingState::Completed
+        });
+        let Some(pairing) = found else {
+            self.wrong_code(principal, meta, now);
             return Err(not_found());
-        }
-        if pairing.state == PairingState::Completed {
-            return Err(not_found());
-        }
+        };
         if pairing.is_expired(now) {
             return Err(CoreError::gone(
                 "pairing_expired",
                 "this pairing code has expired; start pairing again on the device",
             ));
         }
+        Ok(pairing)
+    }
+
+    /// What the device said about itself, for the user to check before confirming.
+    pub async fn preview(
+        &self,
+        principal: &Principal,
+        tenant: &TenantId,
+        code: &PairingCode,
+        meta: &RequestMeta,
+        now: Millis,
+    ) -> CoreResult<PairingPreview> {
+        let pairing = self.find_for(principal, tenant, code, meta, now).await?;
+        Ok(PairingPreview {
+            fingerprint: pairing.fingerprint(),
+            pairing,
+        })
+    }
+
+    pub async fn confirm_by_code(
+        &self,
+        principal: &Principal,
+        tenant: &TenantId,
+        code: &PairingCode,
+        meta: &RequestMeta,
+        now: Millis,
+    ) -> CoreResult<DeviceId> {
+        let pairing = self.find_for(principal, tenant, code, meta, now).await?;
         if pairing.state != PairingState::Pending {
             return Err(CoreError::conflict(
                 "pairing_already_confirmed",
@@ -164,9 +275,18 @@ impl PairingService {
             ));
         }
         let device_id = DeviceId::generate();
+        let audit = meta.audit(
+            AuditScope::Tenant(tenant.clone()),
+            now,
+            principal.actor(),
+            "pairing.confirm",
+            Some(AuditTarget::new("pairing", &pairing.id)),
+            AuditResult::Success,
+            json!({"device_id": device_id, "device_name": pairing.device_name}),
+        );
         if !self
             .store
-            .confirm_pairing(&pairing.id, tenant, &device_id)
+            .confirm_pairing(&pairing.id, tenant, &device_id, &[audit])
             .await?
         {
             return Err(CoreError::conflict(
@@ -182,6 +302,7 @@ impl PairingService {
         &self,
         pairing_id: &PairingId,
         device_nonce: &str,
+        meta: &RequestMeta,
         now: Millis,
     ) -> CoreResult<PairingCompleted> {
         let pairing = self
@@ -223,17 +344,30 @@ impl PairingService {
                 "confirmed pairing without tenant or device"
             )));
         };
-        let token = DeviceToken::generate();
+        let (tokens, hashes) = self.token_ttls.issue(now);
         let device = NewDevice {
             id: device_id.clone(),
             tenant: tenant.clone(),
             name: pairing.device_name,
             device_type: pairing.device_type,
             capabilities: pairing.capabilities,
-            token_hash: token.hash(),
+            tokens: hashes,
             paired_at: now,
         };
-        if !self.store.complete_pairing(pairing_id, &device).await? {
+        let audit = meta.audit(
+            AuditScope::Tenant(tenant.clone()),
+            now,
+            Actor::device(&device_id),
+            "pairing.complete",
+            Some(AuditTarget::new("device", &device_id)),
+            AuditResult::Success,
+            json!({"pairing_id": pairing_id}),
+        );
+        if !self
+            .store
+            .complete_pairing(pairing_id, &device, &[audit])
+            .await?
+        {
             return Err(CoreError::conflict(
                 "pairing_already_completed",
                 "credentials for this pairing were already issued",
@@ -242,8 +376,8 @@ impl PairingService {
         tracing::info!(device_id = %device_id, tenant_id = %tenant, "pairing completed");
         Ok(PairingCompleted {
             device_id,
-            device_token: token,
             tenant,
+            tokens,
         })
     }
 }

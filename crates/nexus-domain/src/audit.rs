@@ -257,7 +257,7 @@ fn write_canonical(value: &Value, out: &mut String) {
 }
 
 /// The first place a chain does not hold.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BrokenLink {
     pub seq: u64,
     pub entry_id: String,

@@ -16,14 +16,28 @@ pub struct DeviceToken(String);
 
 impl DeviceToken {
     pub const PREFIX: &'static str = "nxd_";
+    /// Device refresh tokens share the web refresh prefix (DESIGN.md §6).
+    pub const REFRESH_PREFIX: &'static str = "nxr_";
 
     pub fn generate() -> Self {
         Self(random_secret(Self::PREFIX))
     }
 
-    /// Wraps a presented token. Shape is checked so garbage is rejected before hashing.
+    pub fn generate_refresh() -> Self {
+        Self(random_secret(Self::REFRESH_PREFIX))
+    }
+
+    /// Wraps a presented access token. Shape is checked so garbage is rejected before hashing.
     pub fn from_presented(raw: &str) -> Option<Self> {
-        let body = raw.strip_prefix(Self::PREFIX)?;
+        Self::with_prefix(raw, Self::PREFIX)
+    }
+
+    pub fn from_presented_refresh(raw: &str) -> Option<Self> {
+        Self::with_prefix(raw, Self::REFRESH_PREFIX)
+    }
+
+    fn with_prefix(raw: &str, prefix: &str) -> Option<Self> {
+        let body = raw.strip_prefix(prefix)?;
         (body.len() == 43
             && body
                 .bytes()
@@ -42,7 +56,11 @@ impl DeviceToken {
 
 impl fmt::Debug for DeviceToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("DeviceToken(nxd_…redacted)")
+        write!(
+            f,
+            "DeviceToken({}…redacted)",
+            &self.0[..4.min(self.0.len())]
+        )
     }
 }
 

@@ -117,6 +117,44 @@ pub struct ServerConfig {
     /// SQLite connections used for reads.
     #[arg(long, env = "NEXUS_DB_READ_CONNECTIONS", default_value_t = 4)]
     pub db_read_connections: u32,
+
+    /// Directory of the Ed25519 keys that sign access tokens (PKCS#8 PEM, one per file; the
+    /// newest signs, all verify). Created with one key if empty. Replicas must share it (mount the
+    /// same secret). Default: <data-dir>/keys. Rotate with `nexus admin keys rotate`; servers
+    /// pick up new key files within a minute.
+    #[arg(long, env = "NEXUS_JWT_KEYS_DIR")]
+    pub jwt_keys_dir: Option<PathBuf>,
+
+    /// Lifetime of web access tokens.
+    #[arg(long, env = "NEXUS_ACCESS_TOKEN_TTL", default_value = "15m", value_parser = duration)]
+    pub access_token_ttl: Duration,
+
+    /// Lifetime of web refresh tokens (each refresh starts a new one).
+    #[arg(long, env = "NEXUS_REFRESH_TOKEN_TTL", default_value = "7d", value_parser = duration)]
+    pub refresh_token_ttl: Duration,
+
+    /// Lifetime of device access tokens.
+    #[arg(long, env = "NEXUS_DEVICE_TOKEN_TTL", default_value = "7d", value_parser = duration)]
+    pub device_token_ttl: Duration,
+
+    /// Lifetime of device refresh tokens.
+    #[arg(long, env = "NEXUS_DEVICE_REFRESH_TTL", default_value = "30d", value_parser = duration)]
+    pub device_refresh_ttl: Duration,
+
+    /// Password rules: `default` (at least 8 characters with a special character, not a common
+    /// password, not containing the email) or `nist` (NIST SP 800-63B rev 4: at least 15
+    /// characters, no composition rules, blocklist).
+    #[arg(long, env = "NEXUS_PASSWORD_POLICY", default_value = "default", value_parser = ["default", "nist"])]
+    pub password_policy: String,
+
+    /// Email of the admin created on first start (empty store). Default: admin@localhost.
+    #[arg(long, env = "NEXUS_BOOTSTRAP_ADMIN_EMAIL")]
+    pub bootstrap_admin_email: Option<String>,
+
+    /// Password of that admin. Unset: a random one is printed once and written to
+    /// <data-dir>/initial-admin-password (mode 0600).
+    #[arg(long, env = "NEXUS_BOOTSTRAP_ADMIN_PASSWORD", hide_env_values = true)]
+    pub bootstrap_admin_password: Option<String>,
 }
 
 impl ServerConfig {
@@ -134,8 +172,25 @@ impl ServerConfig {
                     Duration::from_secs(10)
                 },
             ),
+            device_token_ttl: self.device_token_ttl,
+            device_refresh_ttl: self.device_refresh_ttl,
+            auth: nexus_core::auth::AuthConfig {
+                access_ttl: self.access_token_ttl,
+                refresh_ttl: self.refresh_token_ttl,
+                password_policy: nexus_auth::password::PasswordPolicy::from_name(
+                    &self.password_policy,
+                )
+                .unwrap_or_default(),
+                ..nexus_core::auth::AuthConfig::default()
+            },
             ..nexus_core::CoreConfig::default()
         }
+    }
+
+    pub fn keys_dir(&self) -> PathBuf {
+        self.jwt_keys_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("keys"))
     }
 
     pub fn tls_enabled(&self) -> bool {

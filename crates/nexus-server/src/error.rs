@@ -16,6 +16,8 @@ pub struct ApiError {
     pub code: &'static str,
     pub detail: String,
     pub errors: Vec<FieldError>,
+    /// Seconds for `Retry-After` (429 and 503).
+    pub retry_after: Option<u64>,
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
@@ -27,6 +29,7 @@ impl ApiError {
             code,
             detail: detail.into(),
             errors: Vec::new(),
+            retry_after: None,
         }
     }
 
@@ -36,6 +39,7 @@ impl ApiError {
             code: "validation_failed",
             detail: "the request has invalid fields; see errors".into(),
             errors: errors.0,
+            retry_after: None,
         }
     }
 
@@ -77,6 +81,14 @@ impl From<CoreError> for ApiError {
             CoreError::TooLarge { code, detail } => {
                 Self::new(StatusCode::PAYLOAD_TOO_LARGE, code, detail)
             }
+            CoreError::TooManyRequests {
+                code,
+                detail,
+                retry_after_secs,
+            } => Self {
+                retry_after: Some(retry_after_secs),
+                ..Self::new(StatusCode::TOO_MANY_REQUESTS, code, detail)
+            },
             CoreError::Unavailable(cause) => {
                 tracing::error!(error = %format!("{cause:#}"), "dependency unavailable");
                 Self::new(
@@ -121,8 +133,11 @@ impl IntoResponse for ApiError {
             StatusCode::UNAUTHORIZED => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            StatusCode::SERVICE_UNAVAILABLE => {
-                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => {
+                let secs = self.retry_after.unwrap_or(1).to_string();
+                if let Ok(value) = HeaderValue::from_str(&secs) {
+                    headers.insert(header::RETRY_AFTER, value);
+                }
             }
             _ => {}
         }

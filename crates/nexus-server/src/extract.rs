@@ -3,16 +3,22 @@
 //! put user authentication in front of `Tenant` without touching any handler.
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, RawPathParams, Request};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, RawPathParams, Request};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use futures::StreamExt;
+use nexus_core::RequestMeta;
+use nexus_core::auth::Principal;
 use nexus_core::devices::AuthenticatedDevice;
+use nexus_domain::time::now_millis;
 use nexus_domain::validation::serde_error_field;
-use nexus_domain::{FieldError, TenantId, ValidationErrors};
+use nexus_domain::{FieldError, Permission, Role, TenantId, ValidationErrors};
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
+use crate::middleware::current_correlation_id;
 use crate::state::AppState;
 
 /// Default cap for JSON bodies.
@@ -164,7 +170,7 @@ fn tenant_from_headers(parts: &Parts) -> Result<Option<TenantId>, ApiError> {
     }
 }
 
-fn tenant_required() -> ApiError {
+pub fn tenant_required() -> ApiError {
     ApiError::new(
         StatusCode::BAD_REQUEST,
         "tenant_required",
@@ -221,7 +227,7 @@ impl FromRequestParts<AppState> for Device {
         let device = state
             .services
             .devices
-            .authenticate(bearer, &path_device)
+            .authenticate(bearer, &path_device, now_millis())
             .await?;
         let span = tracing::Span::current();
         span.record("device_id", tracing::field::display(&device.device_id));
@@ -253,4 +259,151 @@ where
                 ApiError::validation(ValidationErrors(vec![FieldError::new(field, message)]))
             })
     }
+}
+
+/// The request facts services record in audit entries: client address (the TCP peer), user
+/// agent and correlation id.
+#[derive(Debug, Clone)]
+pub struct Meta(pub RequestMeta);
+
+impl<S: Send + Sync> FromRequestParts<S> for Meta {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let ip = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(addr)| addr.ip());
+        Ok(Meta(RequestMeta {
+            ip,
+            user_agent: header_str(parts, header::USER_AGENT.as_str()).map(str::to_owned),
+            correlation_id: current_correlation_id(),
+        }))
+    }
+}
+
+fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        })
+}
+
+/// The signed-in user of a request with these headers.
+pub async fn signed_in(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+) -> Result<Principal, ApiError> {
+    let token = bearer(headers).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_required",
+            "sign in and send the access token as Authorization: Bearer",
+        )
+    })?;
+    let principal = state
+        .services
+        .auth
+        .authenticate(token, now_millis())
+        .await?;
+    tracing::Span::current().record("user_id", tracing::field::display(&principal.user_id));
+    Ok(principal)
+}
+
+/// A signed-in user (`Authorization: Bearer <access token>`), with an active session.
+#[derive(Debug, Clone)]
+pub struct SignedIn(pub Principal);
+
+impl FromRequestParts<AppState> for SignedIn {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(SignedIn(signed_in(state, &parts.headers).await?))
+    }
+}
+
+/// A permission a handler needs, named in its signature: `Authorized<perm::PairDevices>`.
+pub trait Requires: Send + Sync + 'static {
+    const PERMISSION: Permission;
+}
+
+/// One marker type per permission (see `nexus_domain::identity::Role::allows` for the table).
+pub mod perm {
+    use nexus_domain::Permission;
+
+    macro_rules! markers {
+        ($($name:ident),*) => {$(
+            #[derive(Debug, Clone, Copy)]
+            pub struct $name;
+            impl super::Requires for $name {
+                const PERMISSION: Permission = Permission::$name;
+            }
+        )*};
+    }
+
+    markers!(
+        ReadStreams,
+        ReadDevices,
+        ReadMembers,
+        ReadCommands,
+        PairDevices,
+        ManageDevices,
+        SendCommands,
+        DecideApprovals,
+        ManageMembers,
+        ManagePolicies,
+        ReadAudit,
+        ReadPii
+    );
+}
+
+/// A signed-in member of the tenant in `x-org-id`/`x-project-id` whose role allows `P`: the one
+/// place where web requests are authenticated, scoped to a tenant and authorized. Not a member →
+/// 404 (another tenant's objects do not exist for you); member without the permission → 403.
+#[derive(Debug, Clone)]
+pub struct Authorized<P: Requires> {
+    pub principal: Principal,
+    pub tenant: TenantId,
+    pub role: Role,
+    _permission: std::marker::PhantomData<P>,
+}
+
+impl<P: Requires> FromRequestParts<AppState> for Authorized<P> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let SignedIn(principal) = SignedIn::from_request_parts(parts, state).await?;
+        let tenant = tenant_from_headers(parts)?.ok_or_else(tenant_required)?;
+        let role = authorize(state, &principal, &tenant, P::PERMISSION).await?;
+        Ok(Self {
+            principal,
+            tenant,
+            role,
+            _permission: std::marker::PhantomData,
+        })
+    }
+}
+
+/// Membership and role check for `tenant`; records the tenant on the request's log span.
+pub async fn authorize(
+    state: &AppState,
+    principal: &Principal,
+    tenant: &TenantId,
+    permission: Permission,
+) -> Result<Role, ApiError> {
+    tracing::Span::current().record("tenant_id", tracing::field::display(tenant));
+    Ok(state
+        .services
+        .access
+        .authorize(principal, tenant, permission)
+        .await?)
 }

@@ -93,6 +93,8 @@ pub async fn launch(
         (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
         _ => None,
     };
+    let keys_dir = config.keys_dir();
+    let keys = load_keys(keys_dir.clone()).await?;
     let config = Arc::new(config);
     let lifecycle = Lifecycle::default();
     let replicated = bus.is_some();
@@ -100,6 +102,13 @@ pub async fn launch(
         store.clone(),
         config.core(),
         bus.unwrap_or_else(|| Arc::new(LocalOnly)),
+        keys,
+    );
+    bootstrap(&services, &config).await?;
+    spawn_key_reload(
+        services.auth.clone(),
+        keys_dir,
+        lifecycle.streams_closing.clone(),
     );
     if replicated {
         spawn_resync(
@@ -136,6 +145,102 @@ pub async fn launch(
     }
     store.close().await;
     tracing::info!("NEXUS stopped");
+    Ok(())
+}
+
+async fn load_keys(dir: std::path::PathBuf) -> anyhow::Result<nexus_auth::jwt::KeyRing> {
+    tokio::task::spawn_blocking(move || {
+        nexus_auth::jwt::KeyRing::load_or_create(&dir).map_err(|e| {
+            anyhow::anyhow!("loading the token signing keys from {}: {e}", dir.display())
+        })
+    })
+    .await?
+}
+
+/// Picks up rotated key files (`nexus admin keys rotate`, or a re-mounted secret) without a
+/// restart; tokens signed by keys still in the directory stay valid.
+fn spawn_key_reload(
+    auth: nexus_core::auth::AuthService,
+    dir: std::path::PathBuf,
+    stop: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(30));
+        every.tick().await;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            let dir = dir.clone();
+            let reloaded =
+                tokio::task::spawn_blocking(move || nexus_auth::jwt::KeyRing::load(&dir)).await;
+            match reloaded {
+                Ok(Ok(Some(ring))) => auth.replace_keys(ring),
+                Ok(Ok(None)) => {
+                    tracing::warn!("the signing key directory is empty; keeping the current keys")
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "reloading signing keys failed; keeping the current ones")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reloading signing keys failed; keeping the current ones")
+                }
+            }
+        }
+    });
+}
+
+/// First start on an empty store: org `default`, project `default` and an admin.
+async fn bootstrap(services: &Services, config: &ServerConfig) -> anyhow::Result<()> {
+    let created = services
+        .accounts
+        .bootstrap(
+            config.bootstrap_admin_email.as_deref(),
+            config.bootstrap_admin_password.as_deref(),
+            nexus_domain::time::now_millis(),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("creating the first admin: {e}"))?;
+    let Some(created) = created else {
+        return Ok(());
+    };
+    match created.generated_password {
+        Some(password) => {
+            let file = config.data_dir.join("initial-admin-password");
+            write_secret_file(&file, &password)?;
+            // Printed once on purpose (not logged): the operator needs it to sign in.
+            eprintln!(
+                "\nNEXUS created the first admin account:\n  email:    {}\n  password: {}\n  (also in {}; change it after signing in)\n",
+                created.email.as_str(),
+                password,
+                file.display()
+            );
+        }
+        None => {
+            tracing::info!(email = %created.email.masked(), "created the first admin account");
+        }
+    }
+    Ok(())
+}
+
+fn write_secret_file(path: &std::path::Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    file.write_all(contents.as_bytes())?;
+    file.write_all(b"\n")?;
     Ok(())
 }
 

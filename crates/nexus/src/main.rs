@@ -13,6 +13,8 @@ use nexus_store::Store;
 use nexus_store_postgres::{PostgresConfig, PostgresStore};
 use nexus_store_sqlite::{SqliteConfig, SqliteStore};
 
+mod admin;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "nexus",
@@ -32,6 +34,13 @@ enum Command {
     /// Apply database migrations. For PostgreSQL run it as the schema owner; it grants the
     /// application role what the servers need. The embedded SQLite store migrates itself.
     Migrate(MigrateArgs),
+    /// Administer accounts, organizations, projects and signing keys on the configured store
+    /// (stop a server that uses the same SQLite data directory first, or use PostgreSQL).
+    #[command(subcommand)]
+    Admin(admin::AdminCommand),
+    /// The audit trail.
+    #[command(subcommand)]
+    Audit(admin::AuditCommand),
     /// Print the OpenAPI 3.1 document of the HTTP API (or, with --markdown, the API reference).
     Openapi {
         /// Render the Markdown reference (docs/API.md) instead of JSON.
@@ -53,7 +62,7 @@ struct MigrateArgs {
     data_dir: std::path::PathBuf,
 }
 
-fn is_postgres(url: &str) -> bool {
+pub(crate) fn is_postgres(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
@@ -103,6 +112,14 @@ fn main() -> anyhow::Result<()> {
         Command::Migrate(args) => {
             nexus_server::telemetry::init("warn");
             runtime()?.block_on(migrate(args))
+        }
+        Command::Admin(command) => {
+            nexus_server::telemetry::init("warn");
+            runtime()?.block_on(admin::run(command))
+        }
+        Command::Audit(command) => {
+            nexus_server::telemetry::init("warn");
+            runtime()?.block_on(admin::audit(command))
         }
         Command::Server(config) => {
             nexus_server::telemetry::init(&config.log);
@@ -171,7 +188,7 @@ fn listen(address: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListe
 }
 
 /// Two servers on one embedded database would corrupt each other's view; refuse the second.
-fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+pub(crate) fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
     let path = dir.join("nexus.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)

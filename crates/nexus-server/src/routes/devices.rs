@@ -3,17 +3,19 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use nexus_api::{
-    AckRequest, CommandsResponse, HeartbeatRequest, HeartbeatResponse, OkResponse,
-    PushReportsRequest, PushReportsResponse,
+    AckRequest, CommandsResponse, DeviceTokenRefreshRequest, DeviceTokenRefreshResponse,
+    DeviceView, DevicesResponse, HeartbeatRequest, HeartbeatResponse, OkResponse,
+    PushReportsRequest, PushReportsResponse, RenameDeviceRequest,
 };
+use nexus_core::CoreError;
 use nexus_core::devices::HeartbeatRequest as CoreHeartbeat;
 use nexus_core::reports::ReportService;
-use nexus_domain::time::now_millis;
+use nexus_domain::time::{now_millis, rfc3339};
 use nexus_domain::{CommandId, ValidationErrors};
 use serde::Deserialize;
 
 use crate::error::ApiResult;
-use crate::extract::{ApiJson, ApiQuery, Device, REPORT_BODY_LIMIT, Tenant};
+use crate::extract::{ApiJson, ApiQuery, Authorized, Device, Meta, REPORT_BODY_LIMIT, perm};
 use crate::state::AppState;
 
 #[utoipa::path(post, path = "/devices/{id}/heartbeat", tag = "devices",
@@ -130,17 +132,141 @@ pub async fn push_reports(
     }))
 }
 
+fn device_id(raw: &str) -> Result<nexus_domain::DeviceId, CoreError> {
+    nexus_domain::DeviceId::parse("id", raw)
+        .map_err(|_| CoreError::not_found("device_not_found", "no such device"))
+}
+
+pub fn view(
+    services: &nexus_core::Services,
+    device: &nexus_domain::Device,
+    now: i64,
+) -> DeviceView {
+    DeviceView {
+        device_id: device.id.to_string(),
+        device_name: device.name.clone(),
+        device_type: device.device_type.clone(),
+        capabilities: device.capabilities.clone(),
+        status: services.devices.status(device, now),
+        paired_at: rfc3339(device.paired_at),
+        last_heartbeat_at: device.last_heartbeat_at.map(rfc3339),
+        agent_version: device.agent_version.clone(),
+        metrics: device.metrics.clone(),
+    }
+}
+
+/// The tenant's devices with their online status.
+#[utoipa::path(get, path = "/devices", tag = "devices", security(("bearer" = [])),
+    params(("x-org-id" = String, Header), ("x-project-id" = String, Header)),
+    responses((status = 200, body = DevicesResponse), (status = 401, body = nexus_api::Problem),
+              (status = 404, body = nexus_api::Problem)))]
+pub async fn list(
+    State(state): State<AppState>,
+    access: Authorized<perm::ReadDevices>,
+) -> ApiResult<Json<DevicesResponse>> {
+    let now = now_millis();
+    let devices = state.services.devices.list(&access.tenant).await?;
+    Ok(Json(DevicesResponse {
+        tenant: access.tenant.to_string(),
+        devices: devices
+            .iter()
+            .map(|d| view(&state.services, d, now))
+            .collect(),
+    }))
+}
+
+/// One device of the tenant.
+#[utoipa::path(get, path = "/devices/{id}", tag = "devices", security(("bearer" = [])),
+    params(("id" = String, Path), ("x-org-id" = String, Header), ("x-project-id" = String, Header)),
+    responses((status = 200, body = DeviceView), (status = 404, body = nexus_api::Problem)))]
+pub async fn get(
+    State(state): State<AppState>,
+    access: Authorized<perm::ReadDevices>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<DeviceView>> {
+    let device = state
+        .services
+        .devices
+        .get(&access.tenant, &device_id(&id)?)
+        .await?;
+    Ok(Json(view(&state.services, &device, now_millis())))
+}
+
+/// Renames a device.
+#[utoipa::path(patch, path = "/devices/{id}", tag = "devices", security(("bearer" = [])),
+    params(("id" = String, Path), ("x-org-id" = String, Header), ("x-project-id" = String, Header)),
+    request_body = RenameDeviceRequest,
+    responses((status = 200, body = DeviceView), (status = 404, body = nexus_api::Problem),
+              (status = 422, body = nexus_api::Problem)))]
+pub async fn rename(
+    State(state): State<AppState>,
+    access: Authorized<perm::ManageDevices>,
+    Meta(meta): Meta,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<RenameDeviceRequest>,
+) -> ApiResult<Json<DeviceView>> {
+    let now = now_millis();
+    let device = state
+        .services
+        .devices
+        .rename(
+            access.principal.actor(),
+            &access.tenant,
+            &device_id(&id)?,
+            &body.name,
+            &meta,
+            now,
+        )
+        .await?;
+    Ok(Json(view(&state.services, &device, now)))
+}
+
 /// Deletes (unpairs) a device of the tenant: its token stops working at once, on every replica.
-#[utoipa::path(delete, path = "/devices/{id}", tag = "devices",
+#[utoipa::path(delete, path = "/devices/{id}", tag = "devices", security(("bearer" = [])),
     params(("id" = String, Path), ("x-org-id" = String, Header), ("x-project-id" = String, Header)),
     responses((status = 204, description = "deleted"), (status = 404, body = nexus_api::Problem)))]
 pub async fn delete(
     State(state): State<AppState>,
-    Tenant(tenant): Tenant,
+    access: Authorized<perm::ManageDevices>,
+    Meta(meta): Meta,
     Path(id): Path<String>,
 ) -> ApiResult<axum::http::StatusCode> {
-    let not_found = || nexus_core::CoreError::not_found("device_not_found", "no such device");
-    let id = nexus_domain::DeviceId::parse("id", &id).map_err(|_| not_found())?;
-    state.services.devices.delete(&tenant, &id).await?;
+    state
+        .services
+        .devices
+        .delete(
+            access.principal.actor(),
+            &access.tenant,
+            &device_id(&id)?,
+            &meta,
+            now_millis(),
+        )
+        .await?;
     Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+/// A device trades its refresh token for a new token pair (both rotate). Presenting a refresh
+/// token that was already used revokes all of the device's tokens (it must pair again).
+#[utoipa::path(post, path = "/devices/token/refresh", tag = "devices",
+    request_body = DeviceTokenRefreshRequest,
+    responses((status = 200, body = DeviceTokenRefreshResponse),
+              (status = 401, description = "`invalid_refresh_token` or `refresh_token_reused`", body = nexus_api::Problem)))]
+pub async fn refresh_token(
+    State(state): State<AppState>,
+    Meta(meta): Meta,
+    ApiJson(body): ApiJson<DeviceTokenRefreshRequest>,
+) -> ApiResult<Json<DeviceTokenRefreshResponse>> {
+    let issued = state
+        .services
+        .devices
+        .refresh_tokens(&body.device_id, &body.refresh_token, &meta, now_millis())
+        .await?;
+    Ok(Json(DeviceTokenRefreshResponse {
+        device_id: body.device_id,
+        device_token: issued.access_token.expose().to_owned(),
+        token_type: "Bearer".into(),
+        expires_at: rfc3339(issued.access_expires_at),
+        refresh_token: issued.refresh_token.expose().to_owned(),
+        refresh_expires_at: rfc3339(issued.refresh_expires_at),
+    }))
 }

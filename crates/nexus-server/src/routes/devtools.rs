@@ -15,17 +15,17 @@ use nexus_domain::{DeviceId, SessionId, ValidationErrors};
 use serde_json::json;
 
 use crate::error::ApiResult;
-use crate::extract::{ApiJson, Tenant};
+use crate::extract::{ApiJson, Authorized, perm};
 use crate::middleware::current_correlation_id;
 use crate::state::AppState;
 
 #[utoipa::path(post, path = "/devtools/emit_report", tag = "devtools",
-    params(("x-org-id" = String, Header), ("x-project-id" = String, Header)),
+    security(("bearer" = [])), params(("x-org-id" = String, Header), ("x-project-id" = String, Header)),
     request_body = EmitReportRequest,
     responses((status = 200, body = EmitReportResponse)))]
 pub async fn emit_report(
     State(state): State<AppState>,
-    Tenant(tenant): Tenant,
+    Authorized { tenant, .. }: Authorized<perm::SendCommands>,
     ApiJson(body): ApiJson<EmitReportRequest>,
 ) -> ApiResult<Json<EmitReportResponse>> {
     SessionId::parse("session_id", &body.session_id)?;
@@ -55,11 +55,11 @@ pub async fn emit_report(
 }
 
 #[utoipa::path(get, path = "/devtools/devices", tag = "devtools",
-    params(("x-org-id" = String, Header), ("x-project-id" = String, Header)),
+    security(("bearer" = [])), params(("x-org-id" = String, Header), ("x-project-id" = String, Header)),
     responses((status = 200, body = DevicesResponse)))]
 pub async fn devices(
     State(state): State<AppState>,
-    Tenant(tenant): Tenant,
+    Authorized { tenant, .. }: Authorized<perm::ReadDevices>,
 ) -> ApiResult<Json<DevicesResponse>> {
     let now = now_millis();
     let devices = state.services.devices.list(&tenant).await?;
@@ -83,12 +83,12 @@ pub async fn devices(
 }
 
 #[utoipa::path(post, path = "/devtools/enqueue_command", tag = "devtools",
-    params(("x-org-id" = String, Header), ("x-project-id" = String, Header)),
+    security(("bearer" = [])), params(("x-org-id" = String, Header), ("x-project-id" = String, Header)),
     request_body = EnqueueCommandRequest,
     responses((status = 200, body = DeviceCommand)))]
 pub async fn enqueue_command(
     State(state): State<AppState>,
-    Tenant(tenant): Tenant,
+    Authorized { tenant, .. }: Authorized<perm::SendCommands>,
     ApiJson(body): ApiJson<EnqueueCommandRequest>,
 ) -> ApiResult<Json<DeviceCommand>> {
     let request = EnqueueRequest {

@@ -1,10 +1,14 @@
 //! The HTTP surface: one module per resource, assembled here with the OpenAPI document.
 
+pub mod audit;
+pub mod auth;
 pub mod devices;
 pub mod devtools;
 pub mod health;
+pub mod orgs;
 pub mod pairing;
 pub mod stream;
+pub mod views;
 
 use axum::Json;
 use axum::response::IntoResponse;
@@ -20,7 +24,7 @@ use crate::state::AppState;
 #[openapi(
     info(title = "NEXUS API", description = "Control plane for AI agents on people's own computers. Errors are RFC 9457 problem+json with a stable `code`."),
     modifiers(&DeviceTokenScheme),
-    tags((name = "pairing"), (name = "devices"), (name = "stream"), (name = "health"), (name = "devtools", description = "Only with --dev"))
+    tags((name = "auth", description = "Sign-in, sessions, two-factor"), (name = "orgs", description = "Organizations, projects, members"), (name = "audit"), (name = "pairing"), (name = "devices"), (name = "stream"), (name = "health"), (name = "devtools", description = "Only with --dev"))
 )]
 struct ApiDoc;
 
@@ -38,16 +42,46 @@ impl utoipa::Modify for DeviceTokenScheme {
                     .build(),
             ),
         );
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT (EdDSA)")
+                    .build(),
+            ),
+        );
     }
 }
 
 fn api_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(auth::login))
+        .routes(routes!(auth::refresh))
+        .routes(routes!(auth::logout))
+        .routes(routes!(auth::me))
+        .routes(routes!(auth::sessions))
+        .routes(routes!(auth::end_session))
+        .routes(routes!(auth::change_password))
+        .routes(routes!(auth::totp_setup))
+        .routes(routes!(auth::totp_enable))
+        .routes(routes!(auth::totp_disable))
+        .routes(routes!(auth::stream_ticket))
+        .routes(routes!(auth::jwks))
+        .routes(routes!(orgs::create_org))
+        .routes(routes!(orgs::create_project, orgs::list_projects))
+        .routes(routes!(orgs::list_members, orgs::add_member))
+        .routes(routes!(orgs::update_member, orgs::remove_member))
+        .routes(routes!(audit::logs))
+        .routes(routes!(audit::verify))
         .routes(routes!(pairing::start))
+        .routes(routes!(pairing::preview))
         .routes(routes!(pairing::confirm_by_code))
         .routes(routes!(pairing::complete))
+        .routes(routes!(devices::list))
+        .routes(routes!(devices::get, devices::rename, devices::delete))
+        .routes(routes!(devices::refresh_token))
         .routes(routes!(devices::heartbeat))
-        .routes(routes!(devices::delete))
         .routes(routes!(devices::commands))
         .routes(routes!(devices::ack))
         .routes(routes!(devices::push_reports))

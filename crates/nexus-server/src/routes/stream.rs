@@ -9,13 +9,14 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use nexus_core::stream::{SessionStream, StreamItem};
-use nexus_domain::{EventId, SessionId};
+use nexus_domain::time::now_millis;
+use nexus_domain::{EventId, Permission, SessionId};
 use serde::Deserialize;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{ApiQuery, Tenant};
+use crate::extract::{ApiQuery, OptionalTenant, authorize, signed_in, tenant_required};
 use crate::state::AppState;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -24,6 +25,9 @@ pub struct StreamQuery {
     pub session_id: String,
     /// Resume cursor for clients that cannot send the `Last-Event-ID` header.
     pub last_event_id: Option<String>,
+    /// One-time ticket from `POST /auth/stream-ticket`, for clients that cannot send headers
+    /// (a browser's EventSource); it names the tenant, so no tenant headers are needed then.
+    pub ticket: Option<String>,
 }
 
 fn parse_cursor(raw: &str) -> ApiResult<EventId> {
@@ -38,18 +42,38 @@ fn parse_cursor(raw: &str) -> ApiResult<EventId> {
 
 /// Streams `snapshot`, `report` and `ping` events. Resume with `Last-Event-ID`.
 #[utoipa::path(get, path = "/agent/reports/stream", tag = "stream",
-    params(("x-org-id" = String, Header), ("x-project-id" = String, Header),
+    params(("x-org-id" = Option<String>, Header, description = "required unless `ticket` is given"),
+           ("x-project-id" = Option<String>, Header, description = "required unless `ticket` is given"),
            ("Last-Event-ID" = Option<String>, Header, description = "resume after this event id"),
            StreamQuery),
+    security(("bearer" = []), ()),
     responses((status = 200, description = "text/event-stream: `retry`, then `snapshot` or replayed `report` events, then live `report` events and `ping`s", content_type = "text/event-stream"),
-              (status = 400, body = nexus_api::Problem)))]
+              (status = 400, body = nexus_api::Problem),
+              (status = 401, body = nexus_api::Problem),
+              (status = 404, description = "not a member of the tenant", body = nexus_api::Problem)))]
 pub async fn stream(
     State(state): State<AppState>,
-    Tenant(tenant): Tenant,
+    OptionalTenant(header_tenant): OptionalTenant,
     headers: HeaderMap,
     ApiQuery(query): ApiQuery<StreamQuery>,
 ) -> ApiResult<Response> {
     let session = SessionId::parse("session_id", &query.session_id)?;
+    let now = now_millis();
+    let (principal, tenant) = match query.ticket.as_deref() {
+        Some(ticket) => {
+            state
+                .services
+                .auth
+                .redeem_stream_ticket(ticket, &session, now)
+                .await?
+        }
+        None => {
+            let principal = signed_in(&state, &headers).await?;
+            let tenant = header_tenant.ok_or_else(tenant_required)?;
+            (principal, tenant)
+        }
+    };
+    authorize(&state, &principal, &tenant, Permission::ReadStreams).await?;
     let header_cursor = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())

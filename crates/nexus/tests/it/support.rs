@@ -12,6 +12,9 @@ use serde_json::{Value, json};
 
 pub const ORG: &str = "acme";
 pub const PROJECT: &str = "web";
+/// The first admin every test server is bootstrapped with.
+pub const ADMIN_EMAIL: &str = "admin@nexus.test";
+pub const ADMIN_PASSWORD: &str = "correct-horse-battery-staple!";
 
 pub struct TestServer {
     child: Option<Child>,
@@ -21,6 +24,8 @@ pub struct TestServer {
     pub logs: Arc<Mutex<Vec<String>>>,
     pub http: reqwest::Client,
     args: Vec<String>,
+    /// The bootstrap admin's access token on this server (admin of `acme`, which has `web`).
+    pub admin_token: String,
 }
 
 impl TestServer {
@@ -78,6 +83,8 @@ impl TestServer {
             .arg("debug,sqlx=warn,hyper=info,h2=info,rustls=info")
             .args(args.iter().filter(|a| *a != "--no-dev"))
             .env_remove("NEXUS_LISTEN")
+            .env("NEXUS_BOOTSTRAP_ADMIN_EMAIL", ADMIN_EMAIL)
+            .env("NEXUS_BOOTSTRAP_ADMIN_PASSWORD", ADMIN_PASSWORD)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = command.spawn().expect("spawn nexus");
@@ -117,11 +124,12 @@ impl TestServer {
                         logs.lock().expect("logs").join("\n")
                     )
                 });
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .expect("client");
-        Self {
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
+        if scheme == "https" {
+            builder = builder.danger_accept_invalid_certs(true);
+        }
+        let http = builder.build().expect("client");
+        let mut server = Self {
             child: Some(child),
             base: format!("{scheme}://{address}"),
             data_dir,
@@ -129,7 +137,74 @@ impl TestServer {
             logs,
             http,
             args,
-        }
+            admin_token: String::new(),
+        };
+        server.admin_token = server.login(ADMIN_EMAIL, ADMIN_PASSWORD).await;
+        server.ensure_tenant(ORG, PROJECT).await;
+        server
+    }
+
+    /// Signs in and returns the access token (panics on failure).
+    pub async fn login(&self, email: &str, password: &str) -> String {
+        let (s, body) = status_json(
+            self.http
+                .post(self.url("/auth/login"))
+                .json(&json!({"email": email, "password": password}))
+                .send()
+                .await
+                .expect("login"),
+        )
+        .await;
+        assert_eq!(s, 200, "login as {email}: {body}");
+        body["access_token"]
+            .as_str()
+            .expect("access_token")
+            .to_owned()
+    }
+
+    /// Creates `org` (the admin becomes its admin) and `org:project`, unless they exist.
+    pub async fn ensure_tenant(&self, org: &str, project: &str) {
+        let r = self
+            .http
+            .post(self.url("/orgs"))
+            .bearer_auth(&self.admin_token)
+            .json(&json!({"org_id": org}))
+            .send()
+            .await
+            .expect("create org");
+        assert!(
+            matches!(r.status().as_u16(), 201 | 409),
+            "create org: {}",
+            r.status()
+        );
+        let r = self
+            .http
+            .post(self.url(&format!("/orgs/{org}/projects")))
+            .bearer_auth(&self.admin_token)
+            .json(&json!({"project_id": project}))
+            .send()
+            .await
+            .expect("create project");
+        assert!(
+            matches!(r.status().as_u16(), 201 | 409),
+            "create project: {}",
+            r.status()
+        );
+    }
+
+    /// A request as the bootstrap admin in `org:project`.
+    pub fn web_in(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        org: &str,
+        project: &str,
+    ) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, self.url(path))
+            .bearer_auth(&self.admin_token)
+            .header("x-org-id", org)
+            .header("x-project-id", project)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -179,11 +254,9 @@ impl TestServer {
         self.logs.lock().expect("logs").join("\n")
     }
 
+    /// A request as the bootstrap admin in the default test tenant.
     pub fn web(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .request(method, self.url(path))
-            .header("x-org-id", ORG)
-            .header("x-project-id", PROJECT)
+        self.web_in(method, path, ORG, PROJECT)
     }
 
     pub async fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
@@ -212,15 +285,18 @@ impl TestServer {
         )
         .await;
         assert_eq!(s, 200, "{start}");
+        self.ensure_tenant(org, project).await;
         let (s, confirm) = status_json(
-            self.http
-                .post(self.url("/devices/pairing/confirm_by_code"))
-                .header("x-org-id", org)
-                .header("x-project-id", project)
-                .json(&json!({"pairing_code": start["pairing_code"]}))
-                .send()
-                .await
-                .expect("confirm"),
+            self.web_in(
+                reqwest::Method::POST,
+                "/devices/pairing/confirm_by_code",
+                org,
+                project,
+            )
+            .json(&json!({"pairing_code": start["pairing_code"]}))
+            .send()
+            .await
+            .expect("confirm"),
         )
         .await;
         assert_eq!(s, 200, "{confirm}");
@@ -237,6 +313,7 @@ impl TestServer {
         PairedDevice {
             id: done["device_id"].as_str().expect("id").to_owned(),
             token: done["device_token"].as_str().expect("token").to_owned(),
+            refresh_token: done["refresh_token"].as_str().expect("refresh").to_owned(),
         }
     }
 
@@ -295,6 +372,7 @@ impl Drop for TestServer {
 pub struct PairedDevice {
     pub id: String,
     pub token: String,
+    pub refresh_token: String,
 }
 
 pub async fn status_json(response: reqwest::Response) -> (u16, Value) {
