@@ -140,7 +140,6 @@ impl Role {
                     | ReadMembers
                     | ReadCommands
                     | PairDevices
-                    | ManageDevices
                     | SendCommands
                     | DecideApprovals
             ),
@@ -203,6 +202,24 @@ impl Permission {
         Permission::ReadPii,
     ];
 
+    /// What the permission lets a member do, for the docs.
+    pub fn description(self) -> &'static str {
+        match self {
+            Self::ReadStreams => "watch session streams (SSE), get stream tickets",
+            Self::ReadDevices => "list and inspect devices",
+            Self::ReadMembers => "list the organization's members and projects",
+            Self::ReadCommands => "list and inspect commands and approvals",
+            Self::PairDevices => "preview and confirm pairing codes",
+            Self::ManageDevices => "rename and delete devices",
+            Self::SendCommands => "propose commands for devices",
+            Self::DecideApprovals => "approve or deny RED commands",
+            Self::ManageMembers => "add members, change roles, remove members, create projects",
+            Self::ManagePolicies => "edit the tenant's policies",
+            Self::ReadAudit => "read and verify the audit trail",
+            Self::ReadPii => "see unmasked personal data",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::ReadStreams => "read_streams",
@@ -219,6 +236,24 @@ impl Permission {
             Self::ReadPii => "read_pii",
         }
     }
+}
+
+/// The role × permission table as Markdown, generated from [`Role::allows`] so the docs
+/// (`docs/PERMISSIONS.md`) cannot drift from the code (a test compares them).
+pub fn permission_table_markdown() -> String {
+    let mut out = String::from("| permission | what it allows | admin | operator | viewer |\n|---|---|:-:|:-:|:-:|\n");
+    for p in Permission::ALL {
+        let mark = |r: Role| if r.allows(p) { "✓" } else { "—" };
+        out.push_str(&format!(
+            "| `{}` | {} | {} | {} | {} |\n",
+            p.as_str(),
+            p.description(),
+            mark(Role::Admin),
+            mark(Role::Operator),
+            mark(Role::Viewer)
+        ));
+    }
+    out
 }
 
 /// An email address as the identity key: trimmed and lowercased, so `Ann@X.org` and `ann@x.org`
@@ -377,6 +412,7 @@ mod tests {
         assert!(Role::Operator.allows(Permission::DecideApprovals));
         assert!(!Role::Operator.allows(Permission::ManageMembers));
         assert!(!Role::Operator.allows(Permission::ReadAudit));
+        assert!(!Role::Operator.allows(Permission::ManageDevices));
         assert!(Role::Viewer.allows(Permission::ReadStreams));
         assert!(!Role::Viewer.allows(Permission::PairDevices));
         assert!(!Role::Viewer.allows(Permission::SendCommands));
@@ -384,6 +420,17 @@ mod tests {
         for p in Permission::ALL {
             assert!(!Role::Viewer.allows(p) || Role::Operator.allows(p));
         }
+    }
+
+    #[test]
+    fn the_permission_docs_match_the_code() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/PERMISSIONS.md");
+        let docs = std::fs::read_to_string(path).unwrap();
+        let table = permission_table_markdown();
+        assert!(
+            docs.contains(&table),
+            "docs/PERMISSIONS.md is out of date; paste this table between the role markers:\n{table}"
+        );
     }
 
     #[test]
