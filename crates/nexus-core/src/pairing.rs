@@ -144,21 +144,21 @@ impl PairingService {
                 client_ip: meta.ip.map(|ip| ip.to_string()),
                 agent_version: request.agent_version.clone(),
             };
-            let audit: Vec<_> = tenant
-                .iter()
-                .map(|t| {
-                    meta.audit(
-                        AuditScope::Tenant(t.clone()),
-                        now,
-                        Actor::system(),
-                        "pairing.start",
-                        Some(AuditTarget::new("pairing", &pairing.id)),
-                        AuditResult::Success,
-                        json!({"device_name": pairing.device_name, "device_type": pairing.device_type}),
-                    )
-                })
-                .collect();
-            match self.store.create_pairing(&pairing, now, &audit).await {
+            // A pairing that named no tenant belongs to none yet: its start goes to the system chain.
+            let scope = tenant
+                .clone()
+                .map(AuditScope::Tenant)
+                .unwrap_or(AuditScope::System);
+            let audit = meta.audit(
+                scope,
+                now,
+                Actor::system(),
+                "pairing.start",
+                Some(AuditTarget::new("pairing", &pairing.id)),
+                AuditResult::Success,
+                json!({"device_name": pairing.device_name, "device_type": pairing.device_type}),
+            );
+            match self.store.create_pairing(&pairing, now, &[audit]).await {
                 Ok(()) => {
                     return Ok(PairingStarted {
                         fingerprint: pairing.fingerprint(),
