@@ -74,6 +74,7 @@ pub struct AuditQuery {
     pub actor_id: Option<String>,
     /// Only entries older than this cursor (a value returned with a previous page).
     pub before: Option<i64>,
+    /// Page size (0 is taken as 1).
     pub limit: u32,
 }
 
@@ -129,6 +130,11 @@ pub struct AppendedEvent {
 
 /// The whole storage interface. Every method is scoped by tenant where the data is tenant data,
 /// so a caller cannot forget the scope.
+///
+/// Audit: a method that takes `audit: &[AuditRecord]` appends those records (chained per scope, as
+/// `append_audit` does) in the same transaction as its change, and only if it changed something:
+/// when it answers `false`, an empty list or an error, nothing is recorded. Methods answering `()`
+/// record whenever they succeed (`put_member` too when the role was already the one given).
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Cheap round trip used by `/health/ready`.
@@ -166,6 +172,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<bool>;
 
     // --- devices -------------------------------------------------------------------------
+    /// The device an access token hash belongs to, expired or not (the caller checks
+    /// `expires_at`). None once the device's tokens are revoked or rotated away.
     async fn device_credential(
         &self,
         token_hash: &SecretHash,
@@ -201,6 +209,8 @@ pub trait Store: Send + Sync + 'static {
     /// Trades the device's current refresh token (by hash) for `new` tokens. A spent refresh
     /// token of this device answers `Reused` (nothing changes; the caller revokes). The device
     /// is looked up by id alone (the refresh call carries no tenant); the outcome says which.
+    /// `Rotated` carries the new access credential, `Reused` the current one. An expired refresh
+    /// token (spent or not), another device's, or any token of a revoked device is `Invalid`.
     async fn rotate_device_tokens(
         &self,
         device: &DeviceId,
@@ -355,7 +365,10 @@ pub trait Store: Send + Sync + 'static {
     async fn list_auth_sessions(&self, user: &UserId, now: Millis)
     -> StoreResult<Vec<AuthSession>>;
     /// Spends the presented refresh token and stores `new_refresh` in its family, moving the
-    /// session's `expires_at` to `new_expires_at` and `last_seen_at` to `now`.
+    /// session's `expires_at` to `new_expires_at` and `last_seen_at` to `now`. Unknown tokens and
+    /// tokens of a revoked or expired session are `Invalid` (checked before reuse); a spent token
+    /// is `Reused` (nothing changes). Of two concurrent rotations of one token, one is `Rotated`
+    /// and the other `Reused`.
     async fn rotate_refresh_token(
         &self,
         presented: &SecretHash,
