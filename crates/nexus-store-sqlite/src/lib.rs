@@ -7,6 +7,8 @@
 //! caller is answered only after the COMMIT that made its data durable. Reads use a separate
 //! pool and never wait for the writer (WAL readers see the last committed state).
 
+mod audit;
+mod identity;
 mod rows;
 mod writer;
 
@@ -17,22 +19,27 @@ use std::time::Duration;
 use anyhow::Context;
 use async_trait::async_trait;
 use futures_util::FutureExt;
+use nexus_domain::audit::{AuditEntry, AuditRecord, AuditScope};
 use nexus_domain::command::NewCommand;
+use nexus_domain::identity::{AuthSession, AuthSessionId, StreamTicket, TotpState};
 use nexus_domain::report::ValidatedReport;
 use nexus_domain::secret::SecretHash;
 use nexus_domain::time::Millis;
 use nexus_domain::{
-    CommandId, Device, DeviceId, EventId, Pairing, PairingCode, PairingId, SessionId, TenantId,
+    CommandId, Device, DeviceId, Email, EventId, Membership, Org, OrgId, Pairing, PairingCode,
+    PairingId, Project, Role, SessionId, TenantId, User, UserId,
 };
 use nexus_store::{
-    AppendedEvent, DeviceCredential, Heartbeat, NewDevice, QueuedCommand, Store, StoreError,
-    StoreResult, StoredEvent,
+    AppendedEvent, AuditPage, AuditQuery, DeviceCredential, DeviceTokenHashes, Heartbeat,
+    NewDevice, QueuedCommand, RefreshOutcome, Store, StoreError, StoreResult, StoredEvent,
 };
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions, Row, SqlitePool};
 
+use crate::audit::write_audit;
 use crate::rows::{
-    device_from_row, event_from_row, pairing_from_row, queued_command_from_row, unexpected,
+    credential_from_row, device_from_row, event_from_row, pairing_from_row,
+    queued_command_from_row, unexpected,
 };
 use crate::writer::Writer;
 
@@ -148,8 +155,13 @@ impl Store for SqliteStore {
         self.read.close().await;
     }
 
-    async fn create_pairing(&self, pairing: &Pairing, now: Millis) -> StoreResult<()> {
-        let p = pairing.clone();
+    async fn create_pairing(
+        &self,
+        pairing: &Pairing,
+        now: Millis,
+        audit: &[AuditRecord],
+    ) -> StoreResult<()> {
+        let (p, audit) = (pairing.clone(), audit.to_vec());
         self.writer
             .write(move |conn| {
                 async move {
@@ -166,8 +178,8 @@ impl Store for SqliteStore {
                     };
                     let caps = serde_json::to_string(&p.capabilities).map_err(|e| StoreError::Unexpected(e.into()))?;
                     let inserted = sqlx::query(
-                        "INSERT INTO pairings (id, code, tenant, device_name, device_type, capabilities, nonce_hash, state, device_id, created_at, expires_at)
-                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
+                        "INSERT INTO pairings (id, code, tenant, device_name, device_type, capabilities, nonce_hash, state, device_id, created_at, expires_at, client_ip, agent_version)
+                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?)",
                     )
                     .bind(p.id.as_str())
                     .bind(code.as_str())
@@ -179,10 +191,12 @@ impl Store for SqliteStore {
                     .bind(p.state.as_str())
                     .bind(p.created_at)
                     .bind(p.expires_at)
+                    .bind(&p.client_ip)
+                    .bind(&p.agent_version)
                     .execute(&mut *conn)
                     .await;
                     match inserted {
-                        Ok(_) => Ok(()),
+                        Ok(_) => write_audit(conn, &audit).await,
                         Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
                             Err(StoreError::Conflict("pairing code in use".into()))
                         }
@@ -217,8 +231,10 @@ impl Store for SqliteStore {
         id: &PairingId,
         tenant: &TenantId,
         device_id: &DeviceId,
+        audit: &[AuditRecord],
     ) -> StoreResult<bool> {
         let (id, tenant, device_id) = (id.clone(), tenant_key(tenant), device_id.clone());
+        let audit = audit.to_vec();
         self.writer
             .write(move |conn| {
                 async move {
@@ -231,15 +247,24 @@ impl Store for SqliteStore {
                     .execute(&mut *conn)
                     .await
                     .map_err(unexpected)?;
-                    Ok(done.rows_affected() == 1)
+                    if done.rows_affected() != 1 {
+                        return Ok(false);
+                    }
+                    write_audit(conn, &audit).await?;
+                    Ok(true)
                 }
                 .boxed()
             })
             .await
     }
 
-    async fn complete_pairing(&self, id: &PairingId, device: &NewDevice) -> StoreResult<bool> {
-        let (id, d) = (id.clone(), device.clone());
+    async fn complete_pairing(
+        &self,
+        id: &PairingId,
+        device: &NewDevice,
+        audit: &[AuditRecord],
+    ) -> StoreResult<bool> {
+        let (id, d, audit) = (id.clone(), device.clone(), audit.to_vec());
         self.writer
             .write(move |conn| {
                 async move {
@@ -266,14 +291,9 @@ impl Store for SqliteStore {
                     .execute(&mut *conn)
                     .await
                     .map_err(unexpected)?;
-                    sqlx::query("INSERT INTO device_tokens (token_hash, tenant, device_id, created_at) VALUES (?, ?, ?, ?)")
-                        .bind(d.token_hash.as_str())
-                        .bind(tenant_key(&d.tenant))
-                        .bind(d.id.as_str())
-                        .bind(d.paired_at)
-                        .execute(&mut *conn)
-                        .await
-                        .map_err(unexpected)?;
+                    insert_device_tokens(conn, &tenant_key(&d.tenant), &d.id, &d.tokens, d.paired_at)
+                        .await?;
+                    write_audit(conn, &audit).await?;
                     Ok(true)
                 }
                 .boxed()
@@ -285,23 +305,16 @@ impl Store for SqliteStore {
         &self,
         token_hash: &SecretHash,
     ) -> StoreResult<Option<DeviceCredential>> {
+        // Expiry is the caller's to check: the credential comes back with its `expires_at`.
         let row = sqlx::query(
-            "SELECT token_hash, tenant, device_id FROM device_tokens WHERE token_hash = ?",
+            "SELECT token_hash, tenant, device_id, expires_at FROM device_tokens
+             WHERE token_hash = ? AND kind = 'access'",
         )
         .bind(token_hash.as_str())
         .fetch_optional(&self.read)
         .await
         .map_err(unexpected)?;
-        row.map(|r| -> StoreResult<DeviceCredential> {
-            let tenant: String = r.try_get("tenant").map_err(unexpected)?;
-            Ok(DeviceCredential {
-                device_id: DeviceId::from_trusted(r.try_get("device_id").map_err(unexpected)?),
-                tenant: TenantId::parse_joined(&tenant)
-                    .map_err(|e| StoreError::Unexpected(e.into()))?,
-                token_hash: SecretHash::from_stored(r.try_get("token_hash").map_err(unexpected)?),
-            })
-        })
-        .transpose()
+        row.map(|r| credential_from_row(&r)).transpose()
     }
 
     async fn device(&self, tenant: &TenantId, id: &DeviceId) -> StoreResult<Option<Device>> {
@@ -353,8 +366,13 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn delete_device(&self, tenant: &TenantId, id: &DeviceId) -> StoreResult<bool> {
-        let (tenant, id) = (tenant_key(tenant), id.clone());
+    async fn delete_device(
+        &self,
+        tenant: &TenantId,
+        id: &DeviceId,
+        audit: &[AuditRecord],
+    ) -> StoreResult<bool> {
+        let (tenant, id, audit) = (tenant_key(tenant), id.clone(), audit.to_vec());
         self.writer
             .write(move |conn| {
                 async move {
@@ -376,7 +394,99 @@ impl Store for SqliteStore {
                         .execute(&mut *conn)
                         .await
                         .map_err(unexpected)?;
-                    Ok(done.rows_affected() == 1)
+                    if done.rows_affected() != 1 {
+                        // Nothing was deleted: the other statements matched nothing either (they
+                        // are keyed by tenant too), and nothing is audited.
+                        return Ok(false);
+                    }
+                    write_audit(conn, &audit).await?;
+                    Ok(true)
+                }
+                .boxed()
+            })
+            .await
+    }
+
+    async fn rename_device(
+        &self,
+        tenant: &TenantId,
+        id: &DeviceId,
+        name: &str,
+        audit: &[AuditRecord],
+    ) -> StoreResult<bool> {
+        let (tenant, id, name, audit) = (
+            tenant_key(tenant),
+            id.clone(),
+            name.to_owned(),
+            audit.to_vec(),
+        );
+        self.writer
+            .write(move |conn| {
+                async move {
+                    let done =
+                        sqlx::query("UPDATE devices SET name = ? WHERE tenant = ? AND id = ?")
+                            .bind(&name)
+                            .bind(&tenant)
+                            .bind(id.as_str())
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(unexpected)?;
+                    if done.rows_affected() != 1 {
+                        return Ok(false);
+                    }
+                    write_audit(conn, &audit).await?;
+                    Ok(true)
+                }
+                .boxed()
+            })
+            .await
+    }
+
+    async fn rotate_device_tokens(
+        &self,
+        device: &DeviceId,
+        presented_refresh: &SecretHash,
+        new: &DeviceTokenHashes,
+        now: Millis,
+    ) -> StoreResult<RefreshOutcome<DeviceCredential>> {
+        let (device, presented, new) = (device.clone(), presented_refresh.clone(), new.clone());
+        self.writer
+            .write(move |conn| {
+                async move { rotate_device_tokens(conn, &device, &presented, &new, now).await }
+                    .boxed()
+            })
+            .await
+    }
+
+    async fn revoke_device_tokens(
+        &self,
+        tenant: &TenantId,
+        id: &DeviceId,
+        audit: &[AuditRecord],
+    ) -> StoreResult<bool> {
+        let (tenant, id, audit) = (tenant_key(tenant), id.clone(), audit.to_vec());
+        self.writer
+            .write(move |conn| {
+                async move {
+                    let exists = sqlx::query("SELECT 1 FROM devices WHERE tenant = ? AND id = ?")
+                        .bind(&tenant)
+                        .bind(id.as_str())
+                        .fetch_optional(&mut *conn)
+                        .await
+                        .map_err(unexpected)?;
+                    if exists.is_none() {
+                        return Ok(false);
+                    }
+                    // Spent refresh tokens go too: with no current pair left there is nothing a
+                    // reuse could be reported against, and the device has to pair again.
+                    sqlx::query("DELETE FROM device_tokens WHERE tenant = ? AND device_id = ?")
+                        .bind(&tenant)
+                        .bind(id.as_str())
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(unexpected)?;
+                    write_audit(conn, &audit).await?;
+                    Ok(true)
                 }
                 .boxed()
             })
@@ -539,9 +649,321 @@ impl Store for SqliteStore {
         .map_err(unexpected)?;
         rows.iter().map(device_from_row).collect()
     }
+
+    // --- organizations, projects, members ------------------------------------------------
+    async fn create_org(&self, org: &Org, audit: &[AuditRecord]) -> StoreResult<()> {
+        identity::create_org(self, org, audit).await
+    }
+
+    async fn org(&self, id: &OrgId) -> StoreResult<Option<Org>> {
+        identity::org(self, id).await
+    }
+
+    async fn create_project(&self, project: &Project, audit: &[AuditRecord]) -> StoreResult<()> {
+        identity::create_project(self, project, audit).await
+    }
+
+    async fn project(&self, tenant: &TenantId) -> StoreResult<Option<Project>> {
+        identity::project(self, tenant).await
+    }
+
+    async fn list_projects(&self, org: &OrgId) -> StoreResult<Vec<Project>> {
+        identity::list_projects(self, org).await
+    }
+
+    async fn put_member(
+        &self,
+        org: &OrgId,
+        user: &UserId,
+        role: Role,
+        now: Millis,
+        audit: &[AuditRecord],
+    ) -> StoreResult<()> {
+        identity::put_member(self, org, user, role, now, audit).await
+    }
+
+    async fn remove_member(
+        &self,
+        org: &OrgId,
+        user: &UserId,
+        audit: &[AuditRecord],
+    ) -> StoreResult<bool> {
+        identity::remove_member(self, org, user, audit).await
+    }
+
+    async fn member_role(&self, org: &OrgId, user: &UserId) -> StoreResult<Option<Role>> {
+        identity::member_role(self, org, user).await
+    }
+
+    async fn list_members(&self, org: &OrgId) -> StoreResult<Vec<Membership>> {
+        identity::list_members(self, org).await
+    }
+
+    async fn user_orgs(&self, user: &UserId) -> StoreResult<Vec<(OrgId, Role)>> {
+        identity::user_orgs(self, user).await
+    }
+
+    // --- users -----------------------------------------------------------------------------
+    async fn create_user(&self, user: &User, audit: &[AuditRecord]) -> StoreResult<()> {
+        identity::create_user(self, user, audit).await
+    }
+
+    async fn user(&self, id: &UserId) -> StoreResult<Option<User>> {
+        identity::user(self, id).await
+    }
+
+    async fn user_by_email(&self, email: &Email) -> StoreResult<Option<User>> {
+        identity::user_by_email(self, email).await
+    }
+
+    async fn list_users(&self) -> StoreResult<Vec<User>> {
+        identity::list_users(self).await
+    }
+
+    async fn count_users(&self) -> StoreResult<u64> {
+        identity::count_users(self).await
+    }
+
+    async fn set_password(
+        &self,
+        user: &UserId,
+        password_hash: &str,
+        at: Millis,
+        audit: &[AuditRecord],
+    ) -> StoreResult<bool> {
+        identity::set_password(self, user, password_hash, at, audit).await
+    }
+
+    async fn record_login_failure(&self, user: &UserId, at: Millis) -> StoreResult<u32> {
+        identity::record_login_failure(self, user, at).await
+    }
+
+    async fn clear_login_failures(&self, user: &UserId) -> StoreResult<()> {
+        identity::clear_login_failures(self, user).await
+    }
+
+    async fn set_totp(
+        &self,
+        user: &UserId,
+        totp: &TotpState,
+        recovery_hashes: &[SecretHash],
+        audit: &[AuditRecord],
+    ) -> StoreResult<bool> {
+        identity::set_totp(self, user, totp, recovery_hashes, audit).await
+    }
+
+    async fn use_totp_step(&self, user: &UserId, step: u64) -> StoreResult<bool> {
+        identity::use_totp_step(self, user, step).await
+    }
+
+    async fn use_recovery_code(&self, user: &UserId, code_hash: &SecretHash) -> StoreResult<bool> {
+        identity::use_recovery_code(self, user, code_hash).await
+    }
+
+    async fn recovery_codes_left(&self, user: &UserId) -> StoreResult<u32> {
+        identity::recovery_codes_left(self, user).await
+    }
+
+    // --- login sessions --------------------------------------------------------------------
+    async fn create_auth_session(
+        &self,
+        session: &AuthSession,
+        refresh_hash: &SecretHash,
+        audit: &[AuditRecord],
+    ) -> StoreResult<()> {
+        identity::create_auth_session(self, session, refresh_hash, audit).await
+    }
+
+    async fn auth_session(&self, id: &AuthSessionId) -> StoreResult<Option<AuthSession>> {
+        identity::auth_session(self, id).await
+    }
+
+    async fn list_auth_sessions(
+        &self,
+        user: &UserId,
+        now: Millis,
+    ) -> StoreResult<Vec<AuthSession>> {
+        identity::list_auth_sessions(self, user, now).await
+    }
+
+    async fn rotate_refresh_token(
+        &self,
+        presented: &SecretHash,
+        new_refresh: &SecretHash,
+        new_expires_at: Millis,
+        now: Millis,
+    ) -> StoreResult<RefreshOutcome<AuthSession>> {
+        identity::rotate_refresh_token(self, presented, new_refresh, new_expires_at, now).await
+    }
+
+    async fn revoke_auth_session(
+        &self,
+        id: &AuthSessionId,
+        now: Millis,
+        audit: &[AuditRecord],
+    ) -> StoreResult<bool> {
+        identity::revoke_auth_session(self, id, now, audit).await
+    }
+
+    async fn revoke_user_sessions(
+        &self,
+        user: &UserId,
+        keep: Option<&AuthSessionId>,
+        now: Millis,
+        audit: &[AuditRecord],
+    ) -> StoreResult<Vec<AuthSessionId>> {
+        identity::revoke_user_sessions(self, user, keep, now, audit).await
+    }
+
+    // --- stream tickets --------------------------------------------------------------------
+    async fn create_stream_ticket(
+        &self,
+        ticket_hash: &SecretHash,
+        ticket: &StreamTicket,
+    ) -> StoreResult<()> {
+        identity::create_stream_ticket(self, ticket_hash, ticket).await
+    }
+
+    async fn take_stream_ticket(
+        &self,
+        ticket_hash: &SecretHash,
+        now: Millis,
+    ) -> StoreResult<Option<StreamTicket>> {
+        identity::take_stream_ticket(self, ticket_hash, now).await
+    }
+
+    // --- audit -----------------------------------------------------------------------------
+    async fn append_audit(&self, records: &[AuditRecord]) -> StoreResult<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let records = records.to_vec();
+        self.writer
+            .write(move |conn| async move { write_audit(conn, &records).await }.boxed())
+            .await
+    }
+
+    async fn audit_entries(&self, query: &AuditQuery) -> StoreResult<AuditPage> {
+        audit::entries(&self.read, query).await
+    }
+
+    async fn audit_chain(
+        &self,
+        scope: &AuditScope,
+        after_seq: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<AuditEntry>> {
+        audit::chain(&self.read, scope, after_seq, limit).await
+    }
+
+    async fn audit_scopes(&self) -> StoreResult<Vec<AuditScope>> {
+        audit::scopes(&self.read).await
+    }
 }
 
 /// Event ids are u64 on the wire and i64 in SQL; ids beyond i64 cannot exist in the store.
 fn to_sql_id(id: EventId) -> i64 {
     i64::try_from(id).unwrap_or(i64::MAX)
+}
+
+/// Stores a device's current token pair (access + refresh).
+async fn insert_device_tokens(
+    conn: &mut sqlx::SqliteConnection,
+    tenant: &str,
+    device: &DeviceId,
+    tokens: &DeviceTokenHashes,
+    now: Millis,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO device_tokens (token_hash, tenant, device_id, created_at, kind, expires_at)
+         VALUES (?, ?, ?, ?, 'access', ?), (?, ?, ?, ?, 'refresh', ?)",
+    )
+    .bind(tokens.access_hash.as_str())
+    .bind(tenant)
+    .bind(device.as_str())
+    .bind(now)
+    .bind(tokens.access_expires_at)
+    .bind(tokens.refresh_hash.as_str())
+    .bind(tenant)
+    .bind(device.as_str())
+    .bind(now)
+    .bind(tokens.refresh_expires_at)
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| rows::write_error("device token", e))?;
+    Ok(())
+}
+
+/// The device's current access credential, if it has one.
+async fn current_credential(
+    conn: &mut sqlx::SqliteConnection,
+    device: &DeviceId,
+) -> StoreResult<Option<DeviceCredential>> {
+    let row = sqlx::query(
+        "SELECT token_hash, tenant, device_id, expires_at FROM device_tokens
+         WHERE device_id = ? AND kind = 'access'",
+    )
+    .bind(device.as_str())
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(unexpected)?;
+    row.map(|r| credential_from_row(&r)).transpose()
+}
+
+/// See `Store::rotate_device_tokens`. Runs in the writer, which serialises it with every other
+/// rotation, so "spend the current refresh token" needs no further locking.
+async fn rotate_device_tokens(
+    conn: &mut sqlx::SqliteConnection,
+    device: &DeviceId,
+    presented: &SecretHash,
+    new: &DeviceTokenHashes,
+    now: Millis,
+) -> StoreResult<RefreshOutcome<DeviceCredential>> {
+    let row = sqlx::query(
+        "SELECT tenant, expires_at, used_at FROM device_tokens
+         WHERE token_hash = ? AND device_id = ? AND kind = 'refresh'",
+    )
+    .bind(presented.as_str())
+    .bind(device.as_str())
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(unexpected)?;
+    let Some(row) = row else {
+        return Ok(RefreshOutcome::Invalid);
+    };
+    let tenant: String = row.try_get("tenant").map_err(unexpected)?;
+    let expires_at: Millis = row.try_get("expires_at").map_err(unexpected)?;
+    let used_at: Option<Millis> = row.try_get("used_at").map_err(unexpected)?;
+    if now >= expires_at {
+        return Ok(RefreshOutcome::Invalid);
+    }
+    if used_at.is_some() {
+        return Ok(match current_credential(conn, device).await? {
+            Some(current) => RefreshOutcome::Reused(current),
+            None => RefreshOutcome::Invalid,
+        });
+    }
+    sqlx::query("UPDATE device_tokens SET used_at = ? WHERE token_hash = ? AND used_at IS NULL")
+        .bind(now)
+        .bind(presented.as_str())
+        .execute(&mut *conn)
+        .await
+        .map_err(unexpected)?;
+    // The old access token goes; spent refresh tokens stay (reuse detection) until they expire.
+    sqlx::query(
+        "DELETE FROM device_tokens WHERE device_id = ?
+           AND (kind = 'access' OR (used_at IS NOT NULL AND expires_at <= ?))",
+    )
+    .bind(device.as_str())
+    .bind(now)
+    .execute(&mut *conn)
+    .await
+    .map_err(unexpected)?;
+    insert_device_tokens(conn, &tenant, device, new, now).await?;
+    Ok(RefreshOutcome::Rotated(DeviceCredential {
+        device_id: device.clone(),
+        tenant: TenantId::parse_joined(&tenant).map_err(|e| StoreError::Unexpected(e.into()))?,
+        token_hash: new.access_hash.clone(),
+        expires_at: new.access_expires_at,
+    }))
 }
