@@ -1,10 +1,13 @@
 //! The PostgreSQL backend: shared state for any number of stateless `nexus server` replicas.
 //!
-//! Tenant isolation is enforced by the database, not only by our `WHERE` clauses: every table has
-//! row-level security keyed on the `nexus.tenant` setting, and every tenant-scoped method runs in a
-//! transaction opened by [`PostgresStore::tenant_tx`], which sets it with SET LOCAL semantics. The
+//! Tenant isolation is enforced by the database, not only by our `WHERE` clauses: every tenant table
+//! has row-level security keyed on the `nexus.tenant` setting, and every tenant-scoped method runs in
+//! a transaction opened by [`PostgresStore::tenant_tx`], which sets it with SET LOCAL semantics. The
 //! few lookups that happen before a tenant is known go through narrow SECURITY DEFINER functions
-//! (see `migrations/0001_core.sql` for why). The application connects as a role that cannot bypass
+//! (see `migrations/0001_core.sql` for why). The audit trail is under row-level security by scope
+//! (tenant, organization or system), and the application may only read and append to it; identity
+//! tables (users, orgs, login sessions) are control-plane data without row-level security (see
+//! `migrations/0002_identity.sql`). The application connects as a role that cannot bypass
 //! RLS; [`PostgresStore::migrate`] runs as the schema owner and grants that role what it needs.
 //!
 //! Ids that clients use as cursors (event ids per session, command seqs per device) come from
@@ -22,7 +25,9 @@
 //! heals by itself when the database comes back.
 
 mod append;
+mod audit;
 mod batch;
+mod identity;
 mod rows;
 mod schema;
 
@@ -32,25 +37,29 @@ use std::time::Duration;
 
 use anyhow::Context;
 use async_trait::async_trait;
+use nexus_domain::audit::{AuditEntry, AuditRecord, AuditScope};
 use nexus_domain::command::NewCommand;
+use nexus_domain::identity::{AuthSession, AuthSessionId, StreamTicket, TotpState};
 use nexus_domain::report::ValidatedReport;
 use nexus_domain::secret::SecretHash;
 use nexus_domain::time::Millis;
 use nexus_domain::{
-    CommandId, Device, DeviceId, EventId, Pairing, PairingCode, PairingId, PairingState, SessionId,
-    TenantId,
+    CommandId, Device, DeviceId, Email, EventId, Membership, Org, OrgId, Pairing, PairingCode,
+    PairingId, PairingState, Project, Role, SessionId, TenantId, User, UserId,
 };
 use nexus_store::{
-    AppendedEvent, DeviceCredential, Heartbeat, NewDevice, QueuedCommand, Store, StoreError,
-    StoreResult, StoredEvent,
+    AppendedEvent, AuditPage, AuditQuery, DeviceCredential, DeviceTokenHashes, Heartbeat,
+    NewDevice, QueuedCommand, RefreshOutcome, Store, StoreError, StoreResult, StoredEvent,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection as _, PgPool, Postgres, Row, Transaction};
 
+use crate::audit::write_audit;
 use crate::rows::{
-    device_from_row, event_from_row, pairing_from_row, queued_command_from_row, unexpected,
+    credential_from_row, device_from_row, event_from_row, pairing_from_row,
+    queued_command_from_row, unexpected, write_error,
 };
-pub use crate::schema::{DEFAULT_APP_ROLE, MigrateOptions, SchemaError};
+pub use crate::schema::{APPEND_ONLY_TABLES, DEFAULT_APP_ROLE, MigrateOptions, SchemaError};
 
 /// The migrations this build understands. `migrate` applies them; `connect` refuses a database
 /// that lacks one of them or has one this build does not know.
@@ -202,18 +211,16 @@ impl PostgresStore {
         &self,
         tenant: &TenantId,
     ) -> StoreResult<Transaction<'static, Postgres>> {
+        self.scoped_tx(&tenant_key(tenant)).await
+    }
+
+    /// [`PostgresStore::tenant_tx`] for any row-level-security key: a tenant (`org:project`) or an
+    /// audit scope (`org:*`, `*`; see `migrations/0002_identity.sql`).
+    pub(crate) async fn scoped_tx(&self, key: &str) -> StoreResult<Transaction<'static, Postgres>> {
         // `BEGIN` and the setting travel in one round trip (a simple-protocol query, which takes no
-        // bind parameters). That is safe only because a tenant key can hold nothing but
-        // `[A-Za-z0-9._-]` and one `:` (TenantId::parse); checked again here, never trusted.
-        let key = tenant_key(tenant);
-        if !key
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'))
-        {
-            return Err(StoreError::Unexpected(anyhow::anyhow!(
-                "a tenant key with unexpected characters"
-            )));
-        }
+        // bind parameters). That is safe only because a key can hold nothing but `[A-Za-z0-9._-]`,
+        // `:` and `*` (TenantId::parse, AuditScope::key); checked again here, never trusted.
+        let key = audit::checked_key(key)?;
         self.pool
             .begin_with(format!("BEGIN; SET LOCAL nexus.tenant = '{key}'"))
             .await
@@ -269,7 +276,12 @@ impl Store for PostgresStore {
         self.pool.close().await;
     }
 
-    async fn create_pairing(&self, pairing: &Pairing, now: Millis) -> StoreResult<()> {
+    async fn create_pairing(
+        &self,
+        pairing: &Pairing,
+        now: Millis,
+        audit: &[AuditRecord],
+    ) -> StoreResult<()> {
         self.bounded(async {
             let p = pairing;
             // The lookup function only ever creates pending pairings (see the migration).
@@ -283,27 +295,33 @@ impl Store for PostgresStore {
                     "a new pairing needs a code"
                 )));
             };
-            let created =
-                sqlx::query("SELECT nexus_pairing_create($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
-                    .bind(p.id.as_str())
-                    .bind(code.as_str())
-                    .bind(p.tenant.as_ref().map(tenant_key))
-                    .bind(&p.device_name)
-                    .bind(&p.device_type)
-                    .bind(json_text(&p.capabilities)?)
-                    .bind(p.nonce_hash.as_str())
-                    .bind(p.created_at)
-                    .bind(p.expires_at)
-                    .bind(now)
-                    .execute(&self.pool)
-                    .await;
+            let mut tx = self.pool.begin().await.map_err(unexpected)?;
+            let created = sqlx::query(
+                "SELECT nexus_pairing_create($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            )
+            .bind(p.id.as_str())
+            .bind(code.as_str())
+            .bind(p.tenant.as_ref().map(tenant_key))
+            .bind(&p.device_name)
+            .bind(&p.device_type)
+            .bind(json_text(&p.capabilities)?)
+            .bind(p.nonce_hash.as_str())
+            .bind(p.created_at)
+            .bind(p.expires_at)
+            .bind(now)
+            .bind(&p.client_ip)
+            .bind(&p.agent_version)
+            .execute(&mut *tx)
+            .await;
             match created {
-                Ok(_) => Ok(()),
+                Ok(_) => {}
                 Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
-                    Err(StoreError::Conflict("pairing code in use".into()))
+                    return Err(StoreError::Conflict("pairing code in use".into()));
                 }
-                Err(e) => Err(unexpected(e)),
+                Err(e) => return Err(unexpected(e)),
             }
+            write_audit(&mut tx, audit).await?;
+            tx.commit().await.map_err(unexpected)
         })
         .await
     }
@@ -337,21 +355,34 @@ impl Store for PostgresStore {
         id: &PairingId,
         tenant: &TenantId,
         device_id: &DeviceId,
+        audit: &[AuditRecord],
     ) -> StoreResult<bool> {
         self.bounded(async {
+            let mut tx = self.pool.begin().await.map_err(unexpected)?;
             let row = sqlx::query("SELECT nexus_pairing_confirm($1, $2, $3) AS confirmed")
                 .bind(id.as_str())
                 .bind(tenant_key(tenant))
                 .bind(device_id.as_str())
-                .fetch_one(&self.pool)
+                .fetch_one(&mut *tx)
                 .await
                 .map_err(unexpected)?;
-            row.try_get("confirmed").map_err(unexpected)
+            let confirmed: bool = row.try_get("confirmed").map_err(unexpected)?;
+            if !confirmed {
+                return Ok(false);
+            }
+            write_audit(&mut tx, audit).await?;
+            tx.commit().await.map_err(unexpected)?;
+            Ok(true)
         })
         .await
     }
 
-    async fn complete_pairing(&self, id: &PairingId, device: &NewDevice) -> StoreResult<bool> {
+    async fn complete_pairing(
+        &self,
+        id: &PairingId,
+        device: &NewDevice,
+        audit: &[AuditRecord],
+    ) -> StoreResult<bool> {
         self.bounded(async {
             let d = device;
             // A confirmed pairing belongs to its tenant, so claiming it is ordinary tenant-scoped
@@ -382,17 +413,8 @@ impl Store for PostgresStore {
             .execute(&mut *tx)
             .await
             .map_err(unexpected)?;
-            sqlx::query(
-                "INSERT INTO device_tokens (token_hash, tenant, device_id, created_at)
-                 VALUES ($1, $2, $3, $4)",
-            )
-            .bind(d.token_hash.as_str())
-            .bind(tenant_key(&d.tenant))
-            .bind(d.id.as_str())
-            .bind(d.paired_at)
-            .execute(&mut *tx)
-            .await
-            .map_err(unexpected)?;
+            insert_device_tokens(&mut tx, &d.tenant, &d.id, &d.tokens, d.paired_at).await?;
+            write_audit(&mut tx, audit).await?;
             tx.commit().await.map_err(unexpected)?;
             Ok(true)
         })
@@ -404,25 +426,15 @@ impl Store for PostgresStore {
         token_hash: &SecretHash,
     ) -> StoreResult<Option<DeviceCredential>> {
         self.bounded(async {
+            // Expiry is the caller's to check: the credential comes back with its `expires_at`.
             let row = sqlx::query(
-                "SELECT token_hash, tenant, device_id FROM nexus_device_credential($1)",
+                "SELECT token_hash, tenant, device_id, expires_at FROM nexus_device_credential($1)",
             )
             .bind(token_hash.as_str())
             .fetch_optional(&self.pool)
             .await
             .map_err(unexpected)?;
-            row.map(|r| -> StoreResult<DeviceCredential> {
-                let tenant: String = r.try_get("tenant").map_err(unexpected)?;
-                Ok(DeviceCredential {
-                    device_id: DeviceId::from_trusted(r.try_get("device_id").map_err(unexpected)?),
-                    tenant: TenantId::parse_joined(&tenant)
-                        .map_err(|e| StoreError::Unexpected(e.into()))?,
-                    token_hash: SecretHash::from_stored(
-                        r.try_get("token_hash").map_err(unexpected)?,
-                    ),
-                })
-            })
-            .transpose()
+            row.map(|r| credential_from_row(&r)).transpose()
         })
         .await
     }
@@ -485,7 +497,12 @@ impl Store for PostgresStore {
         .await
     }
 
-    async fn delete_device(&self, tenant: &TenantId, id: &DeviceId) -> StoreResult<bool> {
+    async fn delete_device(
+        &self,
+        tenant: &TenantId,
+        id: &DeviceId,
+        audit: &[AuditRecord],
+    ) -> StoreResult<bool> {
         self.bounded(async {
             let mut tx = self.tenant_tx(tenant).await?;
             for sql in [
@@ -507,8 +524,122 @@ impl Store for PostgresStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(unexpected)?;
+            if done.rows_affected() != 1 {
+                // No such device in this tenant: nothing to audit.
+                tx.commit().await.map_err(unexpected)?;
+                return Ok(false);
+            }
+            write_audit(&mut tx, audit).await?;
             tx.commit().await.map_err(unexpected)?;
-            Ok(done.rows_affected() == 1)
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn rename_device(
+        &self,
+        tenant: &TenantId,
+        id: &DeviceId,
+        name: &str,
+        audit: &[AuditRecord],
+    ) -> StoreResult<bool> {
+        self.bounded(async {
+            let mut tx = self.tenant_tx(tenant).await?;
+            let done = sqlx::query("UPDATE devices SET name = $1 WHERE tenant = $2 AND id = $3")
+                .bind(name)
+                .bind(tenant_key(tenant))
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(unexpected)?;
+            if done.rows_affected() != 1 {
+                return Ok(false);
+            }
+            write_audit(&mut tx, audit).await?;
+            tx.commit().await.map_err(unexpected)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn rotate_device_tokens(
+        &self,
+        device: &DeviceId,
+        presented_refresh: &SecretHash,
+        new: &DeviceTokenHashes,
+        now: Millis,
+    ) -> StoreResult<RefreshOutcome<DeviceCredential>> {
+        self.bounded(async {
+            // The refresh call names no tenant: a pre-tenant function (see the 0002 migration).
+            let row = sqlx::query(
+                "SELECT outcome, tenant, token_hash, expires_at
+                 FROM nexus_device_rotate($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(device.as_str())
+            .bind(presented_refresh.as_str())
+            .bind(new.access_hash.as_str())
+            .bind(new.access_expires_at)
+            .bind(new.refresh_hash.as_str())
+            .bind(new.refresh_expires_at)
+            .bind(now)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| write_error("device token", e))?;
+            let outcome: String = row.try_get("outcome").map_err(unexpected)?;
+            let credential = || -> StoreResult<DeviceCredential> {
+                let tenant: String = row.try_get("tenant").map_err(unexpected)?;
+                Ok(DeviceCredential {
+                    device_id: device.clone(),
+                    tenant: TenantId::parse_joined(&tenant)
+                        .map_err(|e| StoreError::Unexpected(e.into()))?,
+                    token_hash: SecretHash::from_stored(
+                        row.try_get("token_hash").map_err(unexpected)?,
+                    ),
+                    expires_at: row.try_get("expires_at").map_err(unexpected)?,
+                })
+            };
+            match outcome.as_str() {
+                "rotated" => Ok(RefreshOutcome::Rotated(credential()?)),
+                "reused" => Ok(RefreshOutcome::Reused(credential()?)),
+                "invalid" => Ok(RefreshOutcome::Invalid),
+                other => Err(StoreError::Unexpected(anyhow::anyhow!(
+                    "unknown device rotation outcome {other:?}"
+                ))),
+            }
+        })
+        .await
+    }
+
+    async fn revoke_device_tokens(
+        &self,
+        tenant: &TenantId,
+        id: &DeviceId,
+        audit: &[AuditRecord],
+    ) -> StoreResult<bool> {
+        self.bounded(async {
+            let mut tx = self.tenant_tx(tenant).await?;
+            // Locks the device row, so a concurrent delete or revoke of it waits for this one.
+            let exists =
+                sqlx::query("SELECT 1 FROM devices WHERE tenant = $1 AND id = $2 FOR UPDATE")
+                    .bind(tenant_key(tenant))
+                    .bind(id.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(unexpected)?;
+            if exists.is_none() {
+                return Ok(false);
+            }
+            // Spent refresh tokens go too: with no current pair left there is nothing a reuse
+            // could be reported against, and the device has to pair again.
+            sqlx::query("DELETE FROM device_tokens WHERE tenant = $1 AND device_id = $2")
+                .bind(tenant_key(tenant))
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(unexpected)?;
+            write_audit(&mut tx, audit).await?;
+            tx.commit().await.map_err(unexpected)?;
+            Ok(true)
         })
         .await
     }
@@ -726,9 +857,267 @@ impl Store for PostgresStore {
         })
         .await
     }
+
+    // --- organizations, projects, members ------------------------------------------------
+    async fn create_org(&self, org: &Org, audit: &[AuditRecord]) -> StoreResult<()> {
+        self.bounded(identity::create_org(self, org, audit)).await
+    }
+
+    async fn org(&self, id: &OrgId) -> StoreResult<Option<Org>> {
+        self.bounded(identity::org(self, id)).await
+    }
+
+    async fn create_project(&self, project: &Project, audit: &[AuditRecord]) -> StoreResult<()> {
+        self.bounded(identity::create_project(self, project, audit))
+            .await
+    }
+
+    async fn project(&self, tenant: &TenantId) -> StoreResult<Option<Project>> {
+        self.bounded(identity::project(self, tenant)).await
+    }
+
+    async fn list_projects(&self, org: &OrgId) -> StoreResult<Vec<Project>> {
+        self.bounded(identity::list_projects(self, org)).await
+    }
+
+    async fn put_member(
+        &self,
+        org: &OrgId,
+        user: &UserId,
+        role: Role,
+        now: Millis,
+        audit: &[AuditRecord],
+    ) -> StoreResult<()> {
+        self.bounded(identity::put_member(self, org, user, role, now, audit))
+            .await
+    }
+
+    async fn remove_member(
+        &self,
+        org: &OrgId,
+        user: &UserId,
+        audit: &[AuditRecord],
+    ) -> StoreResult<bool> {
+        self.bounded(identity::remove_member(self, org, user, audit))
+            .await
+    }
+
+    async fn member_role(&self, org: &OrgId, user: &UserId) -> StoreResult<Option<Role>> {
+        self.bounded(identity::member_role(self, org, user)).await
+    }
+
+    async fn list_members(&self, org: &OrgId) -> StoreResult<Vec<Membership>> {
+        self.bounded(identity::list_members(self, org)).await
+    }
+
+    async fn user_orgs(&self, user: &UserId) -> StoreResult<Vec<(OrgId, Role)>> {
+        self.bounded(identity::user_orgs(self, user)).await
+    }
+
+    // --- users -----------------------------------------------------------------------------
+    async fn create_user(&self, user: &User, audit: &[AuditRecord]) -> StoreResult<()> {
+        self.bounded(identity::create_user(self, user, audit)).await
+    }
+
+    async fn user(&self, id: &UserId) -> StoreResult<Option<User>> {
+        self.bounded(identity::user(self, id)).await
+    }
+
+    async fn user_by_email(&self, email: &Email) -> StoreResult<Option<User>> {
+        self.bounded(identity::user_by_email(self, email)).await
+    }
+
+    async fn list_users(&self) -> StoreResult<Vec<User>> {
+        self.bounded(identity::list_users(self)).await
+    }
+
+    async fn count_users(&self) -> StoreResult<u64> {
+        self.bounded(identity::count_users(self)).await
+    }
+
+    async fn set_password(
+        &self,
+        user: &UserId,
+        password_hash: &str,
+        at: Millis,
+        audit: &[AuditRecord],
+    ) -> StoreResult<bool> {
+        self.bounded(identity::set_password(self, user, password_hash, at, audit))
+            .await
+    }
+
+    async fn record_login_failure(&self, user: &UserId, at: Millis) -> StoreResult<u32> {
+        self.bounded(identity::record_login_failure(self, user, at))
+            .await
+    }
+
+    async fn clear_login_failures(&self, user: &UserId) -> StoreResult<()> {
+        self.bounded(identity::clear_login_failures(self, user))
+            .await
+    }
+
+    async fn set_totp(
+        &self,
+        user: &UserId,
+        totp: &TotpState,
+        recovery_hashes: &[SecretHash],
+        audit: &[AuditRecord],
+    ) -> StoreResult<bool> {
+        self.bounded(identity::set_totp(self, user, totp, recovery_hashes, audit))
+            .await
+    }
+
+    async fn use_totp_step(&self, user: &UserId, step: u64) -> StoreResult<bool> {
+        self.bounded(identity::use_totp_step(self, user, step))
+            .await
+    }
+
+    async fn use_recovery_code(&self, user: &UserId, code_hash: &SecretHash) -> StoreResult<bool> {
+        self.bounded(identity::use_recovery_code(self, user, code_hash))
+            .await
+    }
+
+    async fn recovery_codes_left(&self, user: &UserId) -> StoreResult<u32> {
+        self.bounded(identity::recovery_codes_left(self, user))
+            .await
+    }
+
+    // --- login sessions --------------------------------------------------------------------
+    async fn create_auth_session(
+        &self,
+        session: &AuthSession,
+        refresh_hash: &SecretHash,
+        audit: &[AuditRecord],
+    ) -> StoreResult<()> {
+        self.bounded(identity::create_auth_session(
+            self,
+            session,
+            refresh_hash,
+            audit,
+        ))
+        .await
+    }
+
+    async fn auth_session(&self, id: &AuthSessionId) -> StoreResult<Option<AuthSession>> {
+        self.bounded(identity::auth_session(self, id)).await
+    }
+
+    async fn list_auth_sessions(
+        &self,
+        user: &UserId,
+        now: Millis,
+    ) -> StoreResult<Vec<AuthSession>> {
+        self.bounded(identity::list_auth_sessions(self, user, now))
+            .await
+    }
+
+    async fn rotate_refresh_token(
+        &self,
+        presented: &SecretHash,
+        new_refresh: &SecretHash,
+        new_expires_at: Millis,
+        now: Millis,
+    ) -> StoreResult<RefreshOutcome<AuthSession>> {
+        self.bounded(identity::rotate_refresh_token(
+            self,
+            presented,
+            new_refresh,
+            new_expires_at,
+            now,
+        ))
+        .await
+    }
+
+    async fn revoke_auth_session(
+        &self,
+        id: &AuthSessionId,
+        now: Millis,
+        audit: &[AuditRecord],
+    ) -> StoreResult<bool> {
+        self.bounded(identity::revoke_auth_session(self, id, now, audit))
+            .await
+    }
+
+    async fn revoke_user_sessions(
+        &self,
+        user: &UserId,
+        keep: Option<&AuthSessionId>,
+        now: Millis,
+        audit: &[AuditRecord],
+    ) -> StoreResult<Vec<AuthSessionId>> {
+        self.bounded(identity::revoke_user_sessions(self, user, keep, now, audit))
+            .await
+    }
+
+    // --- stream tickets --------------------------------------------------------------------
+    async fn create_stream_ticket(
+        &self,
+        ticket_hash: &SecretHash,
+        ticket: &StreamTicket,
+    ) -> StoreResult<()> {
+        self.bounded(identity::create_stream_ticket(self, ticket_hash, ticket))
+            .await
+    }
+
+    async fn take_stream_ticket(
+        &self,
+        ticket_hash: &SecretHash,
+        now: Millis,
+    ) -> StoreResult<Option<StreamTicket>> {
+        self.bounded(identity::take_stream_ticket(self, ticket_hash, now))
+            .await
+    }
+
+    // --- audit -----------------------------------------------------------------------------
+    async fn append_audit(&self, records: &[AuditRecord]) -> StoreResult<()> {
+        self.bounded(audit::append(self, records)).await
+    }
+
+    async fn audit_entries(&self, query: &AuditQuery) -> StoreResult<AuditPage> {
+        self.bounded(audit::entries(self, query)).await
+    }
+
+    async fn audit_chain(
+        &self,
+        scope: &AuditScope,
+        after_seq: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<AuditEntry>> {
+        self.bounded(audit::chain(self, scope, after_seq, limit))
+            .await
+    }
+
+    async fn audit_scopes(&self) -> StoreResult<Vec<AuditScope>> {
+        self.bounded(audit::scopes(self)).await
+    }
 }
 
 /// Event ids are u64 on the wire and BIGINT in SQL; ids beyond i64 cannot exist in the store.
 pub(crate) fn to_sql_id(id: EventId) -> i64 {
     i64::try_from(id).unwrap_or(i64::MAX)
+}
+
+/// Stores a device's current token pair (access + refresh) in the caller's tenant transaction.
+async fn insert_device_tokens(
+    conn: &mut sqlx::PgConnection,
+    tenant: &TenantId,
+    device: &DeviceId,
+    tokens: &DeviceTokenHashes,
+    now: Millis,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO device_tokens (token_hash, tenant, device_id, created_at, kind, expires_at)
+         VALUES ($1, $3, $4, $5, 'access', $2), ($6, $3, $4, $5, 'refresh', $7)",
+    )
+    .bind(tokens.access_hash.as_str())
+    .bind(tokens.access_expires_at)
+    .bind(tenant_key(tenant))
+    .bind(device.as_str())
+    .bind(now)
+    .bind(tokens.refresh_hash.as_str())
+    .bind(tokens.refresh_expires_at)
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| write_error("device token", e))?;
+    Ok(())
 }

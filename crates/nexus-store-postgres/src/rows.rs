@@ -3,11 +3,17 @@
 
 use std::sync::Arc;
 
+use nexus_domain::audit::{
+    Actor, ActorType, AuditEntry, AuditRecord, AuditResult, AuditScope, AuditTarget,
+};
+use nexus_domain::identity::{StreamTicket, TotpState};
 use nexus_domain::secret::SecretHash;
 use nexus_domain::{
-    Device, DeviceId, Pairing, PairingCode, PairingId, PairingState, SessionId, TenantId,
+    AuthSession, AuthSessionId, Device, DeviceId, Email, Membership, Org, OrgId, Pairing,
+    PairingCode, PairingId, PairingState, Project, ProjectId, Role, SessionId, TenantId, User,
+    UserId,
 };
-use nexus_store::{QueuedCommand, StoreError, StoredEvent};
+use nexus_store::{DeviceCredential, QueuedCommand, StoreError, StoredEvent};
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 
@@ -72,6 +78,8 @@ pub(crate) fn pairing_from_row(r: &PgRow) -> Result<Pairing, StoreError> {
         device_id: device_id.map(DeviceId::from_trusted),
         created_at: r.try_get("created_at").map_err(unexpected)?,
         expires_at: r.try_get("expires_at").map_err(unexpected)?,
+        client_ip: r.try_get("client_ip").map_err(unexpected)?,
+        agent_version: r.try_get("agent_version").map_err(unexpected)?,
     })
 }
 
@@ -108,5 +116,149 @@ pub(crate) fn queued_command_from_row(r: &PgRow) -> Result<QueuedCommand, StoreE
     Ok(QueuedCommand {
         seq: r.try_get("seq").map_err(unexpected)?,
         command: serde_json::from_str(&body).map_err(|e| corrupt("command", e))?,
+    })
+}
+
+/// Maps a failed write: uniqueness and foreign-key violations are the caller's `Conflict`.
+pub(crate) fn write_error(what: &str, e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            StoreError::Conflict(format!("{what} already exists"))
+        }
+        sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
+            StoreError::Conflict(format!("{what} refers to something that does not exist"))
+        }
+        _ => unexpected(e),
+    }
+}
+
+fn non_negative(what: &str, v: i64) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|e| corrupt(what, e))
+}
+
+pub(crate) fn credential_from_row(r: &PgRow) -> Result<DeviceCredential, StoreError> {
+    let tenant_raw: String = r.try_get("tenant").map_err(unexpected)?;
+    Ok(DeviceCredential {
+        device_id: DeviceId::from_trusted(r.try_get("device_id").map_err(unexpected)?),
+        tenant: tenant(&tenant_raw)?,
+        token_hash: SecretHash::from_stored(r.try_get("token_hash").map_err(unexpected)?),
+        expires_at: r.try_get("expires_at").map_err(unexpected)?,
+    })
+}
+
+pub(crate) fn org_from_row(r: &PgRow) -> Result<Org, StoreError> {
+    Ok(Org {
+        id: OrgId::from_trusted(r.try_get("id").map_err(unexpected)?),
+        name: r.try_get("name").map_err(unexpected)?,
+        created_at: r.try_get("created_at").map_err(unexpected)?,
+    })
+}
+
+pub(crate) fn project_from_row(r: &PgRow) -> Result<Project, StoreError> {
+    Ok(Project {
+        org: OrgId::from_trusted(r.try_get("org").map_err(unexpected)?),
+        id: ProjectId::from_trusted(r.try_get("id").map_err(unexpected)?),
+        name: r.try_get("name").map_err(unexpected)?,
+        created_at: r.try_get("created_at").map_err(unexpected)?,
+    })
+}
+
+pub(crate) fn role(raw: &str) -> Result<Role, StoreError> {
+    Role::parse(raw).ok_or_else(|| corrupt("role", raw))
+}
+
+pub(crate) fn membership_from_row(r: &PgRow) -> Result<Membership, StoreError> {
+    let role_raw: String = r.try_get("role").map_err(unexpected)?;
+    Ok(Membership {
+        org: OrgId::from_trusted(r.try_get("org").map_err(unexpected)?),
+        user_id: UserId::from_trusted(r.try_get("user_id").map_err(unexpected)?),
+        email: Email::from_trusted(r.try_get("email").map_err(unexpected)?),
+        display_name: r.try_get("display_name").map_err(unexpected)?,
+        role: role(&role_raw)?,
+        created_at: r.try_get("created_at").map_err(unexpected)?,
+    })
+}
+
+pub(crate) fn user_from_row(r: &PgRow) -> Result<User, StoreError> {
+    let last_step: Option<i64> = r.try_get("totp_last_step").map_err(unexpected)?;
+    let failed: i32 = r.try_get("failed_logins").map_err(unexpected)?;
+    Ok(User {
+        id: UserId::from_trusted(r.try_get("id").map_err(unexpected)?),
+        email: Email::from_trusted(r.try_get("email").map_err(unexpected)?),
+        display_name: r.try_get("display_name").map_err(unexpected)?,
+        password_hash: r.try_get("password_hash").map_err(unexpected)?,
+        password_changed_at: r.try_get("password_changed_at").map_err(unexpected)?,
+        created_at: r.try_get("created_at").map_err(unexpected)?,
+        totp: TotpState {
+            secret: r.try_get("totp_secret").map_err(unexpected)?,
+            enabled: r.try_get("totp_enabled").map_err(unexpected)?,
+            last_step: last_step
+                .map(|s| non_negative("TOTP step", s))
+                .transpose()?,
+        },
+        failed_logins: u32::try_from(failed).map_err(|e| corrupt("failed logins", e))?,
+        last_failed_login_at: r.try_get("last_failed_login_at").map_err(unexpected)?,
+        disabled: r.try_get("disabled").map_err(unexpected)?,
+    })
+}
+
+pub(crate) fn auth_session_from_row(r: &PgRow) -> Result<AuthSession, StoreError> {
+    Ok(AuthSession {
+        id: AuthSessionId::from_trusted(r.try_get("id").map_err(unexpected)?),
+        user_id: UserId::from_trusted(r.try_get("user_id").map_err(unexpected)?),
+        created_at: r.try_get("created_at").map_err(unexpected)?,
+        last_seen_at: r.try_get("last_seen_at").map_err(unexpected)?,
+        expires_at: r.try_get("expires_at").map_err(unexpected)?,
+        revoked_at: r.try_get("revoked_at").map_err(unexpected)?,
+        ip: r.try_get("ip").map_err(unexpected)?,
+        user_agent: r.try_get("user_agent").map_err(unexpected)?,
+        mfa: r.try_get("mfa").map_err(unexpected)?,
+    })
+}
+
+pub(crate) fn stream_ticket_from_row(r: &PgRow) -> Result<StreamTicket, StoreError> {
+    let tenant_raw: String = r.try_get("tenant").map_err(unexpected)?;
+    Ok(StreamTicket {
+        user_id: UserId::from_trusted(r.try_get("user_id").map_err(unexpected)?),
+        auth_session: AuthSessionId::from_trusted(r.try_get("auth_session").map_err(unexpected)?),
+        tenant: tenant(&tenant_raw)?,
+        session_id: SessionId::from_trusted(r.try_get("session_id").map_err(unexpected)?),
+        expires_at: r.try_get("expires_at").map_err(unexpected)?,
+    })
+}
+
+pub(crate) fn audit_entry_from_row(r: &PgRow) -> Result<AuditEntry, StoreError> {
+    let scope_raw: String = r.try_get("scope").map_err(unexpected)?;
+    let actor_type: String = r.try_get("actor_type").map_err(unexpected)?;
+    let result: String = r.try_get("result").map_err(unexpected)?;
+    let target_type: Option<String> = r.try_get("target_type").map_err(unexpected)?;
+    let target_id: Option<String> = r.try_get("target_id").map_err(unexpected)?;
+    let details: String = r.try_get("details").map_err(unexpected)?;
+    let seq: i64 = r.try_get("seq").map_err(unexpected)?;
+    Ok(AuditEntry {
+        id: r.try_get("id").map_err(unexpected)?,
+        seq: non_negative("audit seq", seq)?,
+        record: AuditRecord {
+            scope: AuditScope::parse_key(&scope_raw)
+                .ok_or_else(|| corrupt("audit scope", &scope_raw))?,
+            ts: r.try_get("ts").map_err(unexpected)?,
+            actor: Actor {
+                kind: ActorType::parse(&actor_type)
+                    .ok_or_else(|| corrupt("actor type", &actor_type))?,
+                id: r.try_get("actor_id").map_err(unexpected)?,
+            },
+            action: r.try_get("action").map_err(unexpected)?,
+            target: match (target_type, target_id) {
+                (Some(kind), Some(id)) => Some(AuditTarget { kind, id }),
+                _ => None,
+            },
+            result: AuditResult::parse(&result).ok_or_else(|| corrupt("audit result", &result))?,
+            ip: r.try_get("ip").map_err(unexpected)?,
+            user_agent: r.try_get("user_agent").map_err(unexpected)?,
+            correlation_id: r.try_get("correlation_id").map_err(unexpected)?,
+            details: serde_json::from_str(&details).map_err(|e| corrupt("audit details", e))?,
+        },
+        prev_hash: r.try_get("prev_hash").map_err(unexpected)?,
+        hash: r.try_get("hash").map_err(unexpected)?,
     })
 }

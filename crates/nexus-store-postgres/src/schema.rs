@@ -11,6 +11,10 @@ use sqlx::{ConnectOptions, Connection, PgPool, Row};
 
 use crate::MIGRATOR;
 
+/// Tables the application role may read and append to but never change: the audit trail (see
+/// `migrations/0002_identity.sql`). Even a compromised application cannot rewrite history.
+pub const APPEND_ONLY_TABLES: [&str; 1] = ["audit_log"];
+
 /// The role the application connects as unless configured otherwise.
 pub const DEFAULT_APP_ROLE: &str = "nexus_app";
 
@@ -235,17 +239,29 @@ pub(crate) async fn migrate(owner_url: &str, options: &MigrateOptions) -> anyhow
     sqlx::query(&format!("GRANT USAGE ON SCHEMA public TO {app_role}"))
         .execute(&mut *tx)
         .await?;
-    let tables: Vec<String> = sqlx::query_scalar(
-        "SELECT quote_ident(c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    let tables: Vec<(String, String)> = sqlx::query_as(
+        "SELECT c.relname::text, quote_ident(c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
          WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND c.relowner = (SELECT oid FROM pg_roles WHERE rolname = current_user)
            AND c.relname <> '_sqlx_migrations'",
     )
     .fetch_all(&mut *tx)
     .await?;
-    for table in tables {
+    for (name, table) in tables {
         // No TRUNCATE: it ignores row-level security.
+        let grant = if APPEND_ONLY_TABLES.contains(&name.as_str()) {
+            // Also taken back explicitly, in case an older build or an operator granted it.
+            sqlx::query(&format!(
+                "REVOKE UPDATE, DELETE, TRUNCATE ON TABLE public.{table} FROM {app_role}"
+            ))
+            .execute(&mut *tx)
+            .await
+            .with_context(|| format!("revoking changes to {table}"))?;
+            "SELECT, INSERT"
+        } else {
+            "SELECT, INSERT, UPDATE, DELETE"
+        };
         sqlx::query(&format!(
-            "GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE public.{table} TO {app_role}"
+            "GRANT {grant} ON TABLE public.{table} TO {app_role}"
         ))
         .execute(&mut *tx)
         .await
