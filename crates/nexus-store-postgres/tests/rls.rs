@@ -10,7 +10,7 @@ use nexus_domain::report::ValidatedReport;
 use nexus_domain::secret::SecretHash;
 use nexus_domain::time::now_millis;
 use nexus_domain::{CommandId, DeviceId, Pairing, PairingCode, PairingId, PairingState, TenantId};
-use nexus_store::{NewDevice, Store};
+use nexus_store::{DeviceTokenHashes, NewDevice, Store};
 use nexus_store_postgres::{PostgresConfig, PostgresStore};
 use sqlx::{Connection, PgConnection};
 
@@ -26,6 +26,23 @@ const TENANT_TABLES: [&str; 8] = [
     "session_devices",
 ];
 
+/// The audit trail: keyed by scope (`org:project`, `org:*`, `*`) instead of tenant, under forced
+/// row-level security on that key (see `migrations/0002_identity.sql`).
+const SCOPE_TABLES: [&str; 2] = ["audit_heads", "audit_log"];
+
+/// Control-plane data, read before a tenant is known (sign-in, membership checks): deliberately
+/// without row-level security and without a tenant column (see `migrations/0002_identity.sql`).
+const CONTROL_PLANE_TABLES: [&str; 8] = [
+    "auth_sessions",
+    "org_members",
+    "orgs",
+    "projects",
+    "refresh_tokens",
+    "stream_tickets",
+    "user_recovery_codes",
+    "users",
+];
+
 fn pending_pairing() -> Pairing {
     Pairing {
         id: PairingId::generate(),
@@ -39,6 +56,8 @@ fn pending_pairing() -> Pairing {
         device_id: None,
         created_at: now_millis(),
         expires_at: now_millis() + 60_000,
+        client_ip: None,
+        agent_version: None,
     }
 }
 
@@ -51,11 +70,14 @@ async fn populate(
     events: usize,
 ) {
     let pairing = pending_pairing();
-    store.create_pairing(&pairing, now_millis()).await.unwrap();
+    store
+        .create_pairing(&pairing, now_millis(), &[])
+        .await
+        .unwrap();
     let device = DeviceId::generate();
     assert!(
         store
-            .confirm_pairing(&pairing.id, tenant, &device)
+            .confirm_pairing(&pairing.id, tenant, &device, &[])
             .await
             .unwrap()
     );
@@ -65,12 +87,17 @@ async fn populate(
         name: "pc".into(),
         device_type: "windows_companion".into(),
         capabilities: vec![],
-        token_hash: SecretHash::of(token),
+        tokens: DeviceTokenHashes {
+            access_hash: SecretHash::of(token),
+            access_expires_at: now_millis() + 60_000,
+            refresh_hash: SecretHash::of(&format!("{token}-refresh")),
+            refresh_expires_at: now_millis() + 60_000,
+        },
         paired_at: now_millis(),
     };
     assert!(
         store
-            .complete_pairing(&pairing.id, &new_device)
+            .complete_pairing(&pairing.id, &new_device, &[])
             .await
             .unwrap()
     );
@@ -151,7 +178,10 @@ async fn a_query_without_tenant_filter_sees_only_the_current_tenant() {
     populate(&store, &b, "token-b", 5, 7).await;
     // A pending pairing belongs to no tenant yet.
     let pending = pending_pairing();
-    store.create_pairing(&pending, now_millis()).await.unwrap();
+    store
+        .create_pairing(&pending, now_millis(), &[])
+        .await
+        .unwrap();
 
     let mut app = PgConnection::connect(&db.app_url()).await.unwrap();
     assert_eq!(
@@ -159,7 +189,7 @@ async fn a_query_without_tenant_filter_sees_only_the_current_tenant() {
         expect([
             ("pairings", 1),
             ("devices", 1),
-            ("device_tokens", 1),
+            ("device_tokens", 2),
             ("command_queues", 1),
             ("commands", 2),
             ("sessions", 1),
@@ -172,7 +202,7 @@ async fn a_query_without_tenant_filter_sees_only_the_current_tenant() {
         expect([
             ("pairings", 1),
             ("devices", 1),
-            ("device_tokens", 1),
+            ("device_tokens", 2),
             ("command_queues", 1),
             ("commands", 5),
             ("sessions", 1),
@@ -261,13 +291,16 @@ async fn the_application_role_cannot_bypass_row_level_security() {
     assert!(!superuser, "the application role is not a superuser");
     assert!(!bypass, "the application role has no BYPASSRLS");
 
-    // Every table in the schema (but the migration history) is tenant data under forced RLS, owned
-    // by someone the application role is not; a table added later without RLS fails here.
-    let tables: Vec<(String, bool, bool, bool, bool)> = sqlx::query_as(
+    // Every table in the schema (but the migration history) is classified: tenant data and the
+    // audit trail are under forced RLS, control-plane tables are not; none is owned by the
+    // application role. A table added later without a classification fails here.
+    let tables: Vec<(String, bool, bool, bool, bool, bool)> = sqlx::query_as(
         "SELECT c.relname::text, c.relrowsecurity, c.relforcerowsecurity,
                 pg_has_role(current_user, c.relowner, 'MEMBER'),
                 EXISTS (SELECT 1 FROM pg_attribute a
-                        WHERE a.attrelid = c.oid AND a.attname = 'tenant' AND NOT a.attisdropped)
+                        WHERE a.attrelid = c.oid AND a.attname = 'tenant' AND NOT a.attisdropped),
+                EXISTS (SELECT 1 FROM pg_attribute a
+                        WHERE a.attrelid = c.oid AND a.attname = 'scope' AND NOT a.attisdropped)
          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
          WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND c.relname <> '_sqlx_migrations'
          ORDER BY 1",
@@ -276,27 +309,51 @@ async fn the_application_role_cannot_bypass_row_level_security() {
     .await
     .unwrap();
     let mut names: Vec<&str> = tables.iter().map(|t| t.0.as_str()).collect();
-    let mut expected = TENANT_TABLES.to_vec();
+    let mut expected: Vec<&str> = TENANT_TABLES
+        .iter()
+        .chain(&SCOPE_TABLES)
+        .chain(&CONTROL_PLANE_TABLES)
+        .copied()
+        .collect();
     names.sort_unstable();
     expected.sort_unstable();
     assert_eq!(names, expected);
-    for (table, rls, forced, owns, has_tenant) in &tables {
-        assert!(
-            *rls && *forced,
-            "{table}: row-level security enabled and forced"
-        );
+    for (table, rls, forced, owns, has_tenant, has_scope) in &tables {
         assert!(!*owns, "{table}: not owned by the application role");
-        assert!(*has_tenant, "{table}: has a tenant column");
+        if TENANT_TABLES.contains(&table.as_str()) {
+            assert!(
+                *rls && *forced,
+                "{table}: row-level security enabled and forced"
+            );
+            assert!(*has_tenant, "{table}: has a tenant column");
+        } else if SCOPE_TABLES.contains(&table.as_str()) {
+            assert!(
+                *rls && *forced,
+                "{table}: row-level security enabled and forced"
+            );
+            assert!(*has_scope, "{table}: has a scope column");
+        } else {
+            assert!(
+                !*rls,
+                "{table}: control-plane data is read before any tenant"
+            );
+        }
     }
-    let policies: i64 = sqlx::query_scalar(
-        "SELECT count(DISTINCT tablename) FROM pg_policies
-         WHERE schemaname = 'public' AND policyname = 'tenant_isolation'
-           AND qual LIKE '%current_setting(''nexus.tenant''::text, true)%'",
-    )
-    .fetch_one(&mut app)
-    .await
-    .unwrap();
-    assert_eq!(policies, TENANT_TABLES.len() as i64);
+    for (policy, count) in [
+        ("tenant_isolation", TENANT_TABLES.len()),
+        ("scope_isolation", SCOPE_TABLES.len()),
+    ] {
+        let policies: i64 = sqlx::query_scalar(
+            "SELECT count(DISTINCT tablename) FROM pg_policies
+             WHERE schemaname = 'public' AND policyname = $1
+               AND qual LIKE '%current_setting(''nexus.tenant''::text, true)%'",
+        )
+        .bind(policy)
+        .fetch_one(&mut app)
+        .await
+        .unwrap();
+        assert_eq!(policies, count as i64, "{policy}");
+    }
 }
 
 #[tokio::test]

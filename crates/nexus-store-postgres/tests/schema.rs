@@ -115,3 +115,70 @@ async fn a_superuser_may_own_the_schema() {
     nexus_store_tests::event_ids_are_gapless_per_session(store.clone()).await;
     store.close().await;
 }
+
+/// The token a device got before device tokens had expiries and refresh tokens.
+const LEGACY_TOKEN: &str = "nxd_legacy";
+/// What migration 0002 gives such tokens: 9999-12-31T23:59:59.999Z.
+const LEGACY_EXPIRY: i64 = 253_402_300_799_999;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_paired_before_0002_keep_working_after_the_upgrade() {
+    use nexus_domain::secret::SecretHash;
+    use nexus_domain::{DeviceId, TenantId};
+
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    // The schema as the previous release left it: migration 0001 only (the same file, so the same
+    // checksum the full migrator expects).
+    let old = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/0001_core.sql"),
+        old.path().join("0001_core.sql"),
+    )
+    .unwrap();
+    let mut owner = PgConnection::connect(&db.owner_url()).await.unwrap();
+    sqlx::migrate::Migrator::new(old.path())
+        .await
+        .unwrap()
+        .run(&mut owner)
+        .await
+        .unwrap();
+    let mut tx = owner.begin().await.unwrap();
+    sqlx::query("SELECT set_config('nexus.tenant', 'alpha:web', true)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO devices (tenant, id, name, device_type, capabilities, paired_at)
+         VALUES ('alpha:web', 'dev_legacy', 'pc', 'windows_companion', '[]', 1)",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO device_tokens (token_hash, tenant, device_id, created_at)
+         VALUES ($1, 'alpha:web', 'dev_legacy', 1)",
+    )
+    .bind(SecretHash::of(LEGACY_TOKEN).as_str())
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    owner.close().await.unwrap();
+
+    PostgresStore::migrate(&db.owner_url()).await.unwrap();
+    let store = db.store(PostgresConfig::default()).await;
+    let credential = store
+        .device_credential(&SecretHash::of(LEGACY_TOKEN))
+        .await
+        .unwrap()
+        .expect("the legacy token still authenticates");
+    assert_eq!(
+        credential.device_id,
+        DeviceId::from_trusted("dev_legacy".into())
+    );
+    assert_eq!(credential.tenant, TenantId::parse("alpha", "web").unwrap());
+    assert_eq!(credential.expires_at, LEGACY_EXPIRY);
+    store.close().await;
+}

@@ -51,3 +51,53 @@ async fn data_survives_close_and_reopen() {
     assert_eq!(events[0].event_id, 1);
     reopened.close().await;
 }
+
+#[tokio::test]
+async fn audit_entries_cannot_be_changed_or_deleted() {
+    use nexus_domain::audit::{Actor, AuditRecord, AuditResult, AuditScope};
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("nexus.db");
+    let store = SqliteStore::open(&path, SqliteConfig::default())
+        .await
+        .expect("open");
+    let record = AuditRecord {
+        scope: AuditScope::System,
+        ts: 1,
+        actor: Actor::system(),
+        action: "cli.verify".into(),
+        target: None,
+        result: AuditResult::Success,
+        ip: None,
+        user_agent: None,
+        correlation_id: None,
+        details: serde_json::json!({}),
+    };
+    store.append_audit(&[record]).await.expect("append");
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .expect("connect");
+    for statement in [
+        "UPDATE audit_log SET action = 'rewritten'",
+        "DELETE FROM audit_log",
+    ] {
+        let err = sqlx::query(statement)
+            .execute(&mut conn)
+            .await
+            .expect_err(statement);
+        assert!(
+            err.to_string().contains("append-only"),
+            "{statement}: {err}"
+        );
+    }
+    conn.close().await.expect("close");
+    assert_eq!(
+        store
+            .audit_chain(&AuditScope::System, 0, 10)
+            .await
+            .expect("chain")
+            .len(),
+        1
+    );
+    store.close().await;
+}
