@@ -116,6 +116,7 @@ async fn full_pairing_flow_issues_a_working_token_exactly_once() {
     let device = PairedDevice {
         id: device_id.to_owned(),
         token: token.to_owned(),
+        refresh_token: done["refresh_token"].as_str().expect("refresh").to_owned(),
     };
     let r = server
         .device(reqwest::Method::POST, &device, "/heartbeat")
@@ -126,7 +127,7 @@ async fn full_pairing_flow_issues_a_working_token_exactly_once() {
     assert_eq!(r.status(), 200);
     let (_, devices) = status_json(
         server
-            .web(reqwest::Method::GET, "/devtools/devices")
+            .web(reqwest::Method::GET, "/devices")
             .send()
             .await
             .expect("devices"),
@@ -195,6 +196,7 @@ async fn pairing_failures_are_clear_problems() {
         server
             .http
             .post(server.url("/devices/pairing/confirm_by_code"))
+            .bearer_auth(&server.admin_token)
             .json(&json!({"pairing_code": live}))
             .send()
             .await
@@ -202,6 +204,20 @@ async fn pairing_failures_are_clear_problems() {
     )
     .await;
     assert_problem(s, &b, 400, "tenant_required");
+    // Without a signed-in user nobody can confirm, whatever the headers say.
+    let (s, b) = status_json(
+        server
+            .http
+            .post(server.url("/devices/pairing/confirm_by_code"))
+            .header("x-org-id", ORG)
+            .header("x-project-id", PROJECT)
+            .json(&json!({"pairing_code": live}))
+            .send()
+            .await
+            .expect("send"),
+    )
+    .await;
+    assert_problem(s, &b, 401, "authentication_required");
 
     let (s, b) = status_json(
         server
@@ -241,19 +257,22 @@ async fn a_pairing_that_named_its_tenant_is_invisible_to_other_tenants() {
         )
         .await;
     assert_problem(s, &b, 404, "pairing_not_found");
-    let (s, _) = status_json(
+    server.ensure_tenant("other-org", "p").await;
+    let (s, b) = status_json(
         server
-            .http
-            .post(server.url("/devices/pairing/confirm_by_code"))
-            .header("x-org-id", "other-org")
-            .header("x-project-id", "p")
+            .web_in(
+                reqwest::Method::POST,
+                "/devices/pairing/confirm_by_code",
+                "other-org",
+                "p",
+            )
             .json(&json!({"pairing_code": started["pairing_code"]}))
             .send()
             .await
             .expect("send"),
     )
     .await;
-    assert_eq!(s, 200);
+    assert_eq!(s, 200, "{b}");
 }
 
 #[tokio::test]

@@ -79,26 +79,53 @@ impl Drop for Redis {
     }
 }
 
-async fn replica(db: &TestDatabase, redis: &Redis) -> TestServer {
+/// Replicas share the database, Redis and the directory of token signing keys (as a mounted
+/// secret would be in production), so a user's access token works on every replica.
+async fn replica(db: &TestDatabase, redis: &Redis, keys: &std::path::Path) -> TestServer {
+    replica_with(db, redis, keys, &["--resync-interval", "300ms"]).await
+}
+
+async fn replica_with(
+    db: &TestDatabase,
+    redis: &Redis,
+    keys: &std::path::Path,
+    extra: &[&str],
+) -> TestServer {
     let temp = tempfile::tempdir().expect("tempdir");
-    let args = vec![
+    let mut args = vec![
         "--database-url".to_owned(),
         db.app_url.clone(),
         "--redis-url".to_owned(),
         redis.url(),
-        "--resync-interval".to_owned(),
-        "300ms".to_owned(),
+        "--jwt-keys-dir".to_owned(),
+        keys.display().to_string(),
     ];
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
     TestServer::spawn(temp.path().join("data"), Some(temp), args, "http").await
 }
 
-async fn replicas() -> Option<(TestServer, TestServer, TestDatabase, Redis)> {
+struct Cluster {
+    a: TestServer,
+    b: TestServer,
+    db: TestDatabase,
+    redis: Redis,
+    keys: tempfile::TempDir,
+}
+
+async fn replicas() -> Option<Cluster> {
     postgres_superuser_url()?;
     let db = TestDatabase::create().await;
     let redis = Redis::start();
-    let a = replica(&db, &redis).await;
-    let b = replica(&db, &redis).await;
-    Some((a, b, db, redis))
+    let keys = tempfile::tempdir().expect("tempdir");
+    let a = replica(&db, &redis, keys.path()).await;
+    let b = replica(&db, &redis, keys.path()).await;
+    Some(Cluster {
+        a,
+        b,
+        db,
+        redis,
+        keys,
+    })
 }
 
 /// Pairs across replicas: started on A, confirmed on B, completed on A.
@@ -134,6 +161,7 @@ async fn pair_across(a: &TestServer, b: &TestServer, name: &str) -> PairedDevice
     PairedDevice {
         id: done["device_id"].as_str().expect("id").to_owned(),
         token: done["device_token"].as_str().expect("token").to_owned(),
+        refresh_token: done["refresh_token"].as_str().expect("refresh").to_owned(),
     }
 }
 
@@ -158,7 +186,14 @@ fn assert_complete_in_order(events: &[SseEvent], n: u64) {
 
 #[tokio::test]
 async fn a_report_pushed_to_one_replica_is_live_on_the_other() {
-    let Some((a, b, _db, _redis)) = replicas().await else {
+    let Some(Cluster {
+        a,
+        b,
+        db: _db,
+        redis: _redis,
+        keys: _keys,
+    }) = replicas().await
+    else {
         return;
     };
     let device = pair_across(&a, &b, "pc").await;
@@ -206,7 +241,14 @@ async fn a_report_pushed_to_one_replica_is_live_on_the_other() {
 
 #[tokio::test]
 async fn concurrent_publishers_on_both_replicas_are_seen_in_one_order_everywhere() {
-    let Some((a, b, _db, _redis)) = replicas().await else {
+    let Some(Cluster {
+        a,
+        b,
+        db: _db,
+        redis: _redis,
+        keys: _keys,
+    }) = replicas().await
+    else {
         return;
     };
     let mut subscribers = Vec::new();
@@ -251,7 +293,14 @@ async fn concurrent_publishers_on_both_replicas_are_seen_in_one_order_everywhere
 
 #[tokio::test]
 async fn a_redis_restart_mid_stream_loses_and_duplicates_nothing() {
-    let Some((a, b, _db, mut redis)) = replicas().await else {
+    let Some(Cluster {
+        a,
+        b,
+        db: _db,
+        mut redis,
+        keys: _keys,
+    }) = replicas().await
+    else {
         return;
     };
     let device = pair_across(&a, &b, "pc").await;
@@ -376,7 +425,14 @@ async fn a_postgres_outage_fails_fast_and_recovers_without_losing_acknowledged_d
 
 #[tokio::test]
 async fn deleting_a_device_on_one_replica_revokes_it_on_the_other_at_once() {
-    let Some((a, b, db, redis)) = replicas().await else {
+    let Some(Cluster {
+        a,
+        b,
+        db,
+        redis,
+        keys,
+    }) = replicas().await
+    else {
         return;
     };
     let device = pair_across(&a, &b, "pc").await;
@@ -401,19 +457,8 @@ async fn deleting_a_device_on_one_replica_revokes_it_on_the_other_at_once() {
 
     // Operators who let replicas cache credentials still get revocation within milliseconds,
     // carried by Redis.
-    let caching = |db: &TestDatabase, redis: &Redis| {
-        let temp = tempfile::tempdir().expect("tempdir");
-        let args = vec![
-            "--database-url".to_owned(),
-            db.app_url.clone(),
-            "--redis-url".to_owned(),
-            redis.url(),
-            "--credential-cache-ttl".to_owned(),
-            "1h".to_owned(),
-        ];
-        TestServer::spawn(temp.path().join("data"), Some(temp), args, "http")
-    };
-    let (c, d) = (caching(&db, &redis).await, caching(&db, &redis).await);
+    let caching = || replica_with(&db, &redis, keys.path(), &["--credential-cache-ttl", "1h"]);
+    let (c, d) = (caching().await, caching().await);
     let device = pair_across(&c, &d, "pc2").await;
     assert_eq!(
         hb(&d, &device).await.expect("hb").status(),
@@ -439,4 +484,120 @@ async fn deleting_a_device_on_one_replica_revokes_it_on_the_other_at_once() {
         refused,
         "the revocation reached the caching replica over Redis"
     );
+}
+
+#[tokio::test]
+async fn sessions_and_tokens_are_honoured_and_revoked_on_every_replica() {
+    let Some(Cluster {
+        a,
+        b,
+        db: _db,
+        redis: _redis,
+        keys: _keys,
+    }) = replicas().await
+    else {
+        return;
+    };
+    // One key directory: both replicas publish the same keys and accept each other's tokens.
+    let jwks = |server: &TestServer| {
+        let request = server.http.get(server.url("/.well-known/jwks.json")).send();
+        async move { status_json(request.await.expect("jwks")).await.1 }
+    };
+    assert_eq!(jwks(&a).await, jwks(&b).await);
+    let (s, login) = status_json(
+        a.http
+            .post(a.url("/auth/login"))
+            .json(&json!({"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD}))
+            .send()
+            .await
+            .expect("login"),
+    )
+    .await;
+    assert_eq!(s, 200, "{login}");
+    let token = login["access_token"].as_str().expect("token");
+    let devices = |server: &TestServer| {
+        server
+            .http
+            .get(server.url("/devices"))
+            .bearer_auth(token)
+            .header("x-org-id", ORG)
+            .header("x-project-id", PROJECT)
+            .send()
+    };
+    assert_eq!(devices(&a).await.expect("a").status(), 200);
+    assert_eq!(
+        devices(&b).await.expect("b").status(),
+        200,
+        "a token signed on A works on B"
+    );
+    // Refreshing on B (the session lives in the shared store) rotates for both.
+    let (s, refreshed) = status_json(
+        b.http
+            .post(b.url("/auth/refresh"))
+            .json(&json!({"refresh_token": login["refresh_token"]}))
+            .send()
+            .await
+            .expect("refresh"),
+    )
+    .await;
+    assert_eq!(s, 200, "{refreshed}");
+    let (s, reused) = status_json(
+        a.http
+            .post(a.url("/auth/refresh"))
+            .json(&json!({"refresh_token": login["refresh_token"]}))
+            .send()
+            .await
+            .expect("refresh"),
+    )
+    .await;
+    assert_problem(s, &reused, 401, "refresh_token_reused");
+    assert_eq!(
+        devices(&b).await.expect("b").status(),
+        401,
+        "reuse detected on A ended the session on B at once"
+    );
+
+    // Logout on one replica ends the session on the other at once.
+    let second = a.login(ADMIN_EMAIL, ADMIN_PASSWORD).await;
+    let on_b = |t: &str| {
+        b.http
+            .get(b.url("/auth/me"))
+            .bearer_auth(t.to_owned())
+            .send()
+    };
+    assert_eq!(on_b(&second).await.expect("me").status(), 200);
+    let r = a
+        .http
+        .post(a.url("/auth/logout"))
+        .bearer_auth(&second)
+        .send()
+        .await
+        .expect("logout");
+    assert_eq!(r.status(), 204);
+    assert_eq!(on_b(&second).await.expect("me").status(), 401);
+
+    // A device's refresh on A retires its old access token on B at once.
+    let device = pair_across(&a, &b, "pc").await;
+    let hb = |server: &TestServer, token: &str| {
+        server
+            .http
+            .post(server.url(&format!("/devices/{}/heartbeat", device.id)))
+            .bearer_auth(token.to_owned())
+            .json(&json!({"status": "online"}))
+            .send()
+    };
+    assert_eq!(hb(&b, &device.token).await.expect("hb").status(), 200);
+    let (s, rotated) = status_json(
+        a.http
+            .post(a.url("/devices/token/refresh"))
+            .json(&json!({"device_id": device.id, "refresh_token": device.refresh_token}))
+            .send()
+            .await
+            .expect("refresh"),
+    )
+    .await;
+    assert_eq!(s, 200, "{rotated}");
+    assert_eq!(hb(&b, &device.token).await.expect("hb").status(), 401);
+    let new_token = rotated["device_token"].as_str().expect("token");
+    assert_eq!(hb(&b, new_token).await.expect("hb").status(), 200);
 }

@@ -219,7 +219,7 @@ async fn heartbeats_mark_devices_online_until_three_are_missed() {
     let status = || async {
         let (_, body) = status_json(
             server
-                .web(reqwest::Method::GET, "/devtools/devices")
+                .web(reqwest::Method::GET, "/devices")
                 .send()
                 .await
                 .expect("list"),
@@ -375,12 +375,16 @@ async fn deleting_a_device_revokes_its_token_at_once() {
         "the token is cached now"
     );
 
+    // Another tenant of the same admin: the device does not exist there.
+    server.ensure_tenant("other", "p").await;
     let (s, b) = status_json(
         server
-            .http
-            .delete(server.url(&format!("/devices/{}", device.id)))
-            .header("x-org-id", "other")
-            .header("x-project-id", "p")
+            .web_in(
+                reqwest::Method::DELETE,
+                &format!("/devices/{}", device.id),
+                "other",
+                "p",
+            )
             .send()
             .await
             .expect("delete"),
@@ -391,12 +395,30 @@ async fn deleting_a_device_revokes_its_token_at_once() {
         server
             .http
             .delete(server.url(&format!("/devices/{}", device.id)))
+            .bearer_auth(&server.admin_token)
             .send()
             .await
             .expect("delete"),
     )
     .await;
     assert_problem(s, &b, 400, "tenant_required");
+    let (s, b) = status_json(
+        server
+            .http
+            .delete(server.url(&format!("/devices/{}", device.id)))
+            .header("x-org-id", ORG)
+            .header("x-project-id", PROJECT)
+            .send()
+            .await
+            .expect("delete"),
+    )
+    .await;
+    assert_problem(s, &b, 401, "authentication_required");
+    assert_eq!(
+        hb().await.expect("hb").status(),
+        200,
+        "refused deletes left the device alone"
+    );
 
     let r = server
         .web(reqwest::Method::DELETE, &format!("/devices/{}", device.id))
@@ -417,7 +439,7 @@ async fn deleting_a_device_revokes_its_token_at_once() {
     assert_problem(s, &b, 404, "device_not_found");
     let (_, devices) = status_json(
         server
-            .web(reqwest::Method::GET, "/devtools/devices")
+            .web(reqwest::Method::GET, "/devices")
             .send()
             .await
             .expect("list"),

@@ -296,13 +296,13 @@ async fn a_slow_subscriber_is_cut_off_without_slowing_anyone_else() {
 async fn streams_are_isolated_by_tenant() {
     let server = TestServer::start().await;
     let mine = server.pair_device("mine").await;
-    let mut theirs_stream = SseClient::open(
-        server
-            .http
-            .get(server.url("/agent/reports/stream?session_id=shared"))
-            .header("x-org-id", "other")
-            .header("x-project-id", "proj"),
-    )
+    server.ensure_tenant("other", "proj").await;
+    let mut theirs_stream = SseClient::open(server.web_in(
+        reqwest::Method::GET,
+        "/agent/reports/stream?session_id=shared",
+        "other",
+        "proj",
+    ))
     .await;
     let snapshot = theirs_stream.next_data(WAIT).await.expect("snapshot");
     assert_eq!(
@@ -323,10 +323,20 @@ async fn streams_are_isolated_by_tenant() {
     let missing = SseClient::open(
         server
             .http
-            .get(server.url("/agent/reports/stream?session_id=shared")),
+            .get(server.url("/agent/reports/stream?session_id=shared"))
+            .bearer_auth(&server.admin_token),
     )
     .await;
     assert_eq!(missing.status, 400);
+    let anonymous = SseClient::open(
+        server
+            .http
+            .get(server.url("/agent/reports/stream?session_id=shared"))
+            .header("x-org-id", ORG)
+            .header("x-project-id", PROJECT),
+    )
+    .await;
+    assert_eq!(anonymous.status, 401);
     let no_session =
         SseClient::open(server.web(reqwest::Method::GET, "/agent/reports/stream")).await;
     assert_eq!(no_session.status, 422);
