@@ -241,7 +241,9 @@ impl Permission {
 /// The role × permission table as Markdown, generated from [`Role::allows`] so the docs
 /// (`docs/PERMISSIONS.md`) cannot drift from the code (a test compares them).
 pub fn permission_table_markdown() -> String {
-    let mut out = String::from("| permission | what it allows | admin | operator | viewer |\n|---|---|:-:|:-:|:-:|\n");
+    let mut out = String::from(
+        "| permission | what it allows | admin | operator | viewer |\n|---|---|:-:|:-:|:-:|\n",
+    );
     for p in Permission::ALL {
         let mark = |r: Role| if r.allows(p) { "✓" } else { "—" };
         out.push_str(&format!(
