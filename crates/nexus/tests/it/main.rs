@@ -3,6 +3,7 @@
 
 mod support;
 
+mod auth;
 mod lifecycle;
 mod pairing;
 mod replicas;

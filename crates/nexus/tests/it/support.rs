@@ -52,13 +52,32 @@ impl TestServer {
         Self::spawn(data_dir, Some(temp), args, "http").await
     }
 
-    /// Starts the server again on the same data directory (new port).
+    /// A server started WITHOUT the bootstrap variables, on a fresh store: it creates
+    /// `admin@localhost` with a generated password. No one is signed in (`admin_token` is empty).
+    pub async fn start_unbootstrapped() -> Self {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let data_dir = temp.path().join("data");
+        let mut args = Vec::new();
+        if backend_is_postgres() {
+            args.extend([
+                "--database-url".to_owned(),
+                TestDatabase::create().await.app_url,
+            ]);
+        }
+        Self::spawn_with(data_dir, Some(temp), args, "http", false).await
+    }
+
+    /// Starts the server again on the same data directory (new port); stops it first unless
+    /// it is already stopped.
     pub async fn restart(mut self) -> Self {
-        let status = self.stop().await;
-        assert!(status.success(), "server exited with {status}");
+        if self.child.is_some() {
+            let status = self.stop().await;
+            assert!(status.success(), "server exited with {status}");
+        }
         let temp = self._temp.take();
         let (data_dir, args) = (self.data_dir.clone(), self.args.clone());
-        Self::spawn(data_dir, temp, args, "http").await
+        let bootstrap = !self.admin_token.is_empty();
+        Self::spawn_with(data_dir, temp, args, "http", bootstrap).await
     }
 
     pub async fn spawn(
@@ -66,6 +85,17 @@ impl TestServer {
         temp: Option<tempfile::TempDir>,
         args: Vec<String>,
         scheme: &str,
+    ) -> Self {
+        Self::spawn_with(data_dir, temp, args, scheme, true).await
+    }
+
+    /// `bootstrap`: set `NEXUS_BOOTSTRAP_ADMIN_*`, sign in as that admin and create `acme:web`.
+    pub async fn spawn_with(
+        data_dir: PathBuf,
+        temp: Option<tempfile::TempDir>,
+        args: Vec<String>,
+        scheme: &str,
+        bootstrap: bool,
     ) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_nexus"));
         command
@@ -83,10 +113,17 @@ impl TestServer {
             .arg("debug,sqlx=warn,hyper=info,h2=info,rustls=info")
             .args(args.iter().filter(|a| *a != "--no-dev"))
             .env_remove("NEXUS_LISTEN")
-            .env("NEXUS_BOOTSTRAP_ADMIN_EMAIL", ADMIN_EMAIL)
-            .env("NEXUS_BOOTSTRAP_ADMIN_PASSWORD", ADMIN_PASSWORD)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if bootstrap {
+            command
+                .env("NEXUS_BOOTSTRAP_ADMIN_EMAIL", ADMIN_EMAIL)
+                .env("NEXUS_BOOTSTRAP_ADMIN_PASSWORD", ADMIN_PASSWORD);
+        } else {
+            command
+                .env_remove("NEXUS_BOOTSTRAP_ADMIN_EMAIL")
+                .env_remove("NEXUS_BOOTSTRAP_ADMIN_PASSWORD");
+        }
         let mut child = command.spawn().expect("spawn nexus");
         let stdout = child.stdout.take().expect("stdout");
         let stderr = child.stderr.take().expect("stderr");
@@ -139,9 +176,138 @@ impl TestServer {
             args,
             admin_token: String::new(),
         };
-        server.admin_token = server.login(ADMIN_EMAIL, ADMIN_PASSWORD).await;
-        server.ensure_tenant(ORG, PROJECT).await;
+        if bootstrap {
+            server.admin_token = server.login(ADMIN_EMAIL, ADMIN_PASSWORD).await;
+            server.ensure_tenant(ORG, PROJECT).await;
+        }
         server
+    }
+
+    /// `POST /auth/login` as is: status and body.
+    pub async fn login_response(
+        &self,
+        email: &str,
+        password: &str,
+        totp_code: Option<&str>,
+    ) -> (u16, Value) {
+        let mut body = json!({"email": email, "password": password});
+        if let Some(code) = totp_code {
+            body["totp_code"] = json!(code);
+        }
+        status_json(
+            self.http
+                .post(self.url("/auth/login"))
+                .json(&body)
+                .send()
+                .await
+                .expect("login"),
+        )
+        .await
+    }
+
+    /// A request with `token` as the bearer in `org:project`.
+    pub fn as_user_in(
+        &self,
+        token: &str,
+        method: reqwest::Method,
+        path: &str,
+        org: &str,
+        project: &str,
+    ) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, self.url(path))
+            .bearer_auth(token)
+            .header("x-org-id", org)
+            .header("x-project-id", project)
+    }
+
+    /// A request with `token` as the bearer in the default test tenant.
+    pub fn as_user(
+        &self,
+        token: &str,
+        method: reqwest::Method,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
+        self.as_user_in(token, method, path, ORG, PROJECT)
+    }
+
+    /// Adds a new account to `org` with `role` (as the bootstrap admin) and signs it in.
+    pub async fn new_member(&self, org: &str, email: &str, role: &str) -> TestUser {
+        let (s, added) = status_json(
+            self.http
+                .post(self.url(&format!("/orgs/{org}/members")))
+                .bearer_auth(&self.admin_token)
+                .json(&json!({"email": email, "role": role}))
+                .send()
+                .await
+                .expect("add member"),
+        )
+        .await;
+        assert_eq!(s, 201, "add {email} as {role} of {org}: {added}");
+        let password = added["initial_password"]
+            .as_str()
+            .expect("a new account gets an initial password")
+            .to_owned();
+        let (s, login) = self.login_response(email, &password, None).await;
+        assert_eq!(s, 200, "login as {email}: {login}");
+        TestUser {
+            id: added["member"]["user_id"]
+                .as_str()
+                .expect("user_id")
+                .to_owned(),
+            email: email.to_owned(),
+            password,
+            token: login["access_token"].as_str().expect("token").to_owned(),
+            refresh_token: login["refresh_token"].as_str().expect("refresh").to_owned(),
+        }
+    }
+
+    /// The `--database-url` this server runs on (PostgreSQL backend), if any.
+    pub fn database_url(&self) -> Option<&str> {
+        self.args
+            .iter()
+            .position(|a| a == "--database-url")
+            .and_then(|i| self.args.get(i + 1))
+            .map(String::as_str)
+    }
+
+    /// The arguments that point `nexus admin …` / `nexus audit …` at this server's store.
+    pub fn store_args(&self) -> Vec<String> {
+        match self.database_url() {
+            Some(url) => vec!["--database-url".to_owned(), url.to_owned()],
+            None => vec!["--data-dir".to_owned(), self.data_dir.display().to_string()],
+        }
+    }
+
+    /// Runs `nexus <args> <store args>`, feeding `stdin`.
+    pub fn cli(&self, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+        let mut all: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        all.extend(self.store_args());
+        nexus_cli(&all, stdin)
+    }
+
+    /// Runs SQL against this server's store with full rights (an attacker with database
+    /// access): `sqlite3` on the SQLite file, `psql` as the superuser on PostgreSQL.
+    pub fn raw_sql(&self, sql: &str) {
+        match self.database_url() {
+            Some(app_url) => {
+                let name = app_url.rsplit('/').next().expect("database name");
+                let superuser = postgres_superuser_url().expect("PostgreSQL");
+                psql(&replace_database(&superuser, name), sql);
+            }
+            None => {
+                let out = Command::new("sqlite3")
+                    .arg(self.data_dir.join("nexus.db"))
+                    .arg(sql)
+                    .output()
+                    .expect("sqlite3 (apt-get install sqlite3)");
+                assert!(
+                    out.status.success(),
+                    "sqlite3 {sql}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
     }
 
     /// Signs in and returns the access token (panics on failure).
@@ -598,4 +764,114 @@ fn replace_user(url: &str, user: &str) -> String {
     let (scheme, rest) = url.split_once("://").expect("url");
     let host = rest.split_once('@').map_or(rest, |(_, h)| h);
     format!("{scheme}://{user}@{host}")
+}
+
+/// A signed-in account made for a test.
+#[derive(Debug, Clone)]
+pub struct TestUser {
+    pub id: String,
+    pub email: String,
+    pub password: String,
+    pub token: String,
+    pub refresh_token: String,
+}
+
+/// Runs the `nexus` binary with `args`, feeding `stdin` (closed when `None`).
+pub fn nexus_cli(args: &[String], stdin: Option<&str>) -> std::process::Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nexus"))
+        .args(args)
+        .env_remove("NEXUS_DATABASE_URL")
+        .env_remove("NEXUS_DATA_DIR")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run nexus");
+    let mut input = child.stdin.take().expect("stdin");
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).expect("write stdin");
+    }
+    drop(input);
+    child.wait_with_output().expect("nexus output")
+}
+
+/// base64url without padding (RFC 4648 §5), as JWTs use it.
+pub fn b64url_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+        }
+    }
+    out
+}
+
+pub fn b64url_decode(text: &str) -> Vec<u8> {
+    let value = |c: u8| -> u32 {
+        match c {
+            b'A'..=b'Z' => u32::from(c - b'A'),
+            b'a'..=b'z' => u32::from(c - b'a') + 26,
+            b'0'..=b'9' => u32::from(c - b'0') + 52,
+            b'-' => 62,
+            b'_' => 63,
+            _ => panic!("not base64url: {text}"),
+        }
+    };
+    let mut out = Vec::new();
+    for chunk in text.as_bytes().chunks(4) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, c)| n | (value(*c) << (18 - 6 * i)));
+        for i in 0..chunk.len().saturating_sub(1) {
+            out.push((n >> (16 - 8 * i)) as u8);
+        }
+    }
+    out
+}
+
+/// A JWT's decoded header and payload, and its raw signature bytes.
+pub fn jwt_parts(token: &str) -> (Value, Value, Vec<u8>) {
+    let parts: Vec<&str> = token.split('.').collect();
+    assert_eq!(parts.len(), 3, "a compact JWS: {token}");
+    let json = |p: &str| serde_json::from_slice(&b64url_decode(p)).expect("JSON segment");
+    (json(parts[0]), json(parts[1]), b64url_decode(parts[2]))
+}
+
+/// Builds a compact JWS from a header, a payload and signature bytes (no signing).
+pub fn jwt_from_parts(header: &Value, payload: &Value, signature: &[u8]) -> String {
+    format!(
+        "{}.{}.{}",
+        b64url_encode(header.to_string().as_bytes()),
+        b64url_encode(payload.to_string().as_bytes()),
+        b64url_encode(signature)
+    )
+}
+
+/// The current TOTP code of a base32 secret for a time (`unix` seconds).
+pub fn totp_code(secret: &str, unix: u64) -> String {
+    nexus_auth::totp::TotpSecret::from_base32(secret)
+        .expect("base32 secret")
+        .code_at(unix)
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+/// Fails if `text` (logs, an API answer) contains any of `secrets`.
+pub fn assert_no_secrets(text: &str, secrets: &[&str], what: &str) {
+    for secret in secrets {
+        assert!(!secret.is_empty());
+        assert!(!text.contains(secret), "{what} contain a secret: {secret}");
+    }
 }
