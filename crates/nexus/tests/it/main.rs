@@ -5,6 +5,7 @@ mod support;
 
 mod access;
 mod auth;
+mod devices_tokens;
 mod lifecycle;
 mod pairing;
 mod replicas;
