@@ -25,6 +25,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# The audit tamper test edits the SQLite store directly, as an attacker with file access would.
+if ! command -v sqlite3 >/dev/null 2>&1; then
+  (apt-get update -qq || true) >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sqlite3 >&2
+fi
+
 if [ "${NEXUS_SKIP_POSTGRES:-}" != 1 ]; then
   if ! command -v psql >/dev/null 2>&1; then
     (apt-get update -qq || true) >&2

@@ -4,6 +4,8 @@
 mod support;
 
 mod access;
+mod admin_cli;
+mod audit;
 mod auth;
 mod devices_tokens;
 mod lifecycle;
