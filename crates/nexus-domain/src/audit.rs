@@ -220,40 +220,8 @@ pub fn entry_hash(id: &str, seq: u64, record: &AuditRecord, prev_hash: &str) -> 
         "prev_hash": prev_hash,
     });
     let mut canonical = String::new();
-    write_canonical(&body, &mut canonical);
+    crate::canonical::write_canonical(&body, &mut canonical);
     hex::encode(Sha256::digest(canonical.as_bytes()))
-}
-
-fn write_canonical(value: &Value, out: &mut String) {
-    match value {
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            out.push('{');
-            for (i, key) in keys.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(&Value::String(key.clone()).to_string());
-                out.push(':');
-                if let Some(v) = map.get(key) {
-                    write_canonical(v, out);
-                }
-            }
-            out.push('}');
-        }
-        Value::Array(items) => {
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                write_canonical(item, out);
-            }
-            out.push(']');
-        }
-        other => out.push_str(&other.to_string()),
-    }
 }
 
 /// The first place a chain does not hold.

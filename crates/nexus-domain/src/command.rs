@@ -45,6 +45,16 @@ pub struct DeviceCommand {
     pub policy: CommandPolicy,
     /// RFC 3339 UTC.
     pub created_at: String,
+    /// This delivery's number (1, 2, …): the ack must name it, so an agent that got an older
+    /// delivery cannot complete the command.
+    #[serde(default)]
+    pub attempt: u32,
+    /// RFC 3339: the device skips the command if it would start it after this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_before: Option<String>,
+    /// For approved RED commands: who approved and the server's signature over what was approved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<crate::approval::ApprovalGrant>,
 }
 
 /// What a caller asks to enqueue; the store assigns order and time.

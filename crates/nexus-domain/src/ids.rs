@@ -22,10 +22,10 @@ macro_rules! prefixed_id {
             }
 
             /// Accepts only ids of this type; anything else cannot name one of our objects.
-            pub fn parse(field: &str, raw: &str) -> Result<Self, ValidationErrors> {
-                check_token_chars(field, raw, 64, |c| c.is_ascii_alphanumeric() || c == '_')?;
+            pub fn parse(field: &str, raw: &str) -> Result<Self, $crate::validation::ValidationErrors> {
+                $crate::validation::check_token_chars(field, raw, 64, |c| c.is_ascii_alphanumeric() || c == '_')?;
                 if !raw.starts_with($prefix) {
-                    return Err(ValidationErrors::single(field, concat!("must start with ", $prefix)));
+                    return Err($crate::validation::ValidationErrors::single(field, concat!("must start with ", $prefix)));
                 }
                 Ok(Self(raw.to_owned()))
             }

@@ -2,7 +2,9 @@
 //! pairing, secrets) and the rules that hold regardless of transport or storage. No I/O lives here,
 //! so everything in this crate is unit-testable and shared by the server, the stores and the agent.
 
+pub mod approval;
 pub mod audit;
+pub mod canonical;
 pub mod command;
 pub mod device;
 pub mod identity;

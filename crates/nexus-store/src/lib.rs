@@ -5,8 +5,11 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use nexus_domain::approval::{
+    Approval, ApprovalId, ApprovalStatus, CommandPolicySettings, CommandRecord, CommandStatus,
+};
 use nexus_domain::audit::{AuditEntry, AuditRecord, AuditScope};
-use nexus_domain::command::{DeviceCommand, NewCommand};
+use nexus_domain::command::DeviceCommand;
 use nexus_domain::identity::{AuthSession, AuthSessionId, StreamTicket};
 use nexus_domain::report::ValidatedReport;
 use nexus_domain::secret::SecretHash;
@@ -63,6 +66,56 @@ pub enum RefreshOutcome<T> {
     Invalid,
 }
 
+/// Whether a create found the object already there (idempotent creates).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Created<T> {
+    New(T),
+    /// An object with this id existed; nothing was written.
+    Existing(T),
+}
+
+/// Filters for listing commands, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct CommandQuery {
+    pub status: Option<CommandStatus>,
+    pub device_id: Option<DeviceId>,
+    /// Only commands older than this cursor (from a previous page).
+    pub before: Option<i64>,
+    pub limit: u32,
+}
+
+/// Changes that come with a command's status transition.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CommandChange {
+    /// The device's outcome (from its report), kept on the record.
+    pub result: Option<serde_json::Value>,
+    /// Replaces the deadline (`Some(None)` clears it).
+    pub deadline: Option<Option<Millis>>,
+}
+
+/// A command handed to its device by [`Store::deliver_commands`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// Position in the device's queue (the pull cursor).
+    pub seq: i64,
+    /// The queued body as it was stored when the command was queued.
+    pub command: DeviceCommand,
+    /// The record after this delivery (status `delivered`, `attempt` counted up).
+    pub record: CommandRecord,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AckOutcome {
+    /// delivered → acked.
+    Acked(CommandRecord),
+    /// Already acked (or further) with this attempt: nothing changes (idempotent).
+    AlreadyAcked(CommandRecord),
+    /// The ack names an older delivery than the current one.
+    StaleAttempt(CommandRecord),
+    /// No such command for this device (or not delivered yet).
+    NotFound,
+}
+
 /// Filters for reading the audit trail, newest first.
 #[derive(Debug, Clone, Default)]
 pub struct AuditQuery {
@@ -103,13 +156,6 @@ pub struct Heartbeat {
     pub metrics: serde_json::Value,
     pub agent_version: Option<String>,
     pub at: Millis,
-}
-
-/// A queued command with its position in the device's queue.
-#[derive(Debug, Clone, PartialEq)]
-pub struct QueuedCommand {
-    pub seq: i64,
-    pub command: DeviceCommand,
 }
 
 /// A stored event: its id in the (tenant, session) stream and the JSON delivered to clients.
@@ -226,29 +272,6 @@ pub trait Store: Send + Sync + 'static {
         tenant: &TenantId,
         id: &DeviceId,
         audit: &[AuditRecord],
-    ) -> StoreResult<bool>;
-
-    // --- commands ------------------------------------------------------------------------
-    async fn enqueue_command(
-        &self,
-        command: &NewCommand,
-        now: Millis,
-    ) -> StoreResult<QueuedCommand>;
-    /// Unacknowledged commands with `seq > after`, oldest first, at most `limit`.
-    async fn pending_commands(
-        &self,
-        tenant: &TenantId,
-        device: &DeviceId,
-        after: i64,
-        limit: u32,
-    ) -> StoreResult<Vec<QueuedCommand>>;
-    /// Marks a command received. False if the device has no such command. Idempotent.
-    async fn ack_command(
-        &self,
-        tenant: &TenantId,
-        device: &DeviceId,
-        command: &CommandId,
-        at: Millis,
     ) -> StoreResult<bool>;
 
     // --- reports and events ---------------------------------------------------------------
@@ -404,6 +427,126 @@ pub trait Store: Send + Sync + 'static {
         ticket_hash: &SecretHash,
         now: Millis,
     ) -> StoreResult<Option<StreamTicket>>;
+
+    // --- commands and approvals (issue 5) ----------------------------------------------------
+    /// Stores a proposed command, atomically with its approval (RED, or YELLOW when approval is
+    /// required) or its queue entry (`queue`, when it runs without approval) and `audit`.
+    /// Idempotent on (tenant, command id): if the id exists, nothing is written and the existing
+    /// record is returned as `Existing` (the caller compares `request_hash`).
+    async fn create_command(
+        &self,
+        record: &CommandRecord,
+        approval: Option<&Approval>,
+        queue: Option<&DeviceCommand>,
+        audit: &[AuditRecord],
+    ) -> StoreResult<Created<CommandRecord>>;
+    async fn command(
+        &self,
+        tenant: &TenantId,
+        id: &CommandId,
+    ) -> StoreResult<Option<CommandRecord>>;
+    /// Newest first; the cursor is an opaque position.
+    async fn list_commands(
+        &self,
+        tenant: &TenantId,
+        query: &CommandQuery,
+    ) -> StoreResult<(Vec<CommandRecord>, Option<i64>)>;
+    async fn approval(&self, tenant: &TenantId, id: &ApprovalId) -> StoreResult<Option<Approval>>;
+    /// Newest first, at most `limit`.
+    async fn list_approvals(
+        &self,
+        tenant: &TenantId,
+        status: Option<ApprovalStatus>,
+        limit: u32,
+    ) -> StoreResult<Vec<Approval>>;
+    /// `pending` → `decision` (approved or denied) if the approval is still pending and
+    /// `at < expires_at`, moving its command from `pending_approval` to `queued` (inserting
+    /// `queue` into the device's queue, with `deadline`) or to `denied`, and writing `audit`, all
+    /// in one transaction. Exactly one of any number of concurrent callers gets `Some`; the
+    /// others get `None` (and write nothing).
+    #[allow(clippy::too_many_arguments)]
+    async fn decide_approval(
+        &self,
+        tenant: &TenantId,
+        id: &ApprovalId,
+        decision: ApprovalStatus,
+        by: &UserId,
+        at: Millis,
+        reason: Option<&str>,
+        queue: Option<&DeviceCommand>,
+        deadline: Option<Millis>,
+        audit: &[AuditRecord],
+    ) -> StoreResult<Option<(Approval, CommandRecord)>>;
+    /// Pending approvals with `expires_at <= now`, of every tenant (for the sweeper).
+    async fn due_approvals(
+        &self,
+        now: Millis,
+        limit: u32,
+    ) -> StoreResult<Vec<(TenantId, ApprovalId)>>;
+    /// `pending` → `expired` with its command → `expired`, if still pending and due at `now`.
+    async fn expire_approval(
+        &self,
+        tenant: &TenantId,
+        id: &ApprovalId,
+        now: Millis,
+        audit: &[AuditRecord],
+    ) -> StoreResult<Option<(Approval, CommandRecord)>>;
+    /// Compare-and-set of a command's status: from any of `from` to `to`, applying `change`
+    /// and writing `audit`. A command that leaves the runnable states (cancelled, timed out,
+    /// finished) is taken out of its device's queue so it is never delivered again. `None` if its
+    /// status was not one of `from` (nothing written).
+    #[allow(clippy::too_many_arguments)]
+    async fn transition_command(
+        &self,
+        tenant: &TenantId,
+        id: &CommandId,
+        from: &[CommandStatus],
+        to: CommandStatus,
+        at: Millis,
+        change: &CommandChange,
+        audit: &[AuditRecord],
+    ) -> StoreResult<Option<CommandRecord>>;
+    /// Commands whose deadline has passed (queued: not delivered in time; delivered or acked:
+    /// not finished in time), of every tenant (for the sweeper).
+    async fn due_commands(
+        &self,
+        now: Millis,
+        limit: u32,
+    ) -> StoreResult<Vec<(TenantId, CommandId, CommandStatus)>>;
+    /// What a device pull returns: its queued commands and its delivered-but-unacknowledged ones
+    /// with queue position `> after`, oldest first, at most `limit`. In the same transaction each
+    /// becomes `delivered`, its `attempt` counts up and its deadline becomes
+    /// `execution_deadline`. Queue entries without a command record (none are written any more)
+    /// are skipped.
+    async fn deliver_commands(
+        &self,
+        tenant: &TenantId,
+        device: &DeviceId,
+        after: i64,
+        limit: u32,
+        now: Millis,
+        execution_deadline: Millis,
+    ) -> StoreResult<Vec<Delivery>>;
+    /// The device acknowledges delivery `attempt` of a command.
+    async fn ack_delivery(
+        &self,
+        tenant: &TenantId,
+        device: &DeviceId,
+        command: &CommandId,
+        attempt: u32,
+        at: Millis,
+        audit: &[AuditRecord],
+    ) -> StoreResult<AckOutcome>;
+    /// The tenant's command policy, if one was saved (callers fall back to the default).
+    async fn command_policy(&self, tenant: &TenantId)
+    -> StoreResult<Option<CommandPolicySettings>>;
+    async fn put_command_policy(
+        &self,
+        tenant: &TenantId,
+        policy: &CommandPolicySettings,
+        at: Millis,
+        audit: &[AuditRecord],
+    ) -> StoreResult<()>;
 
     // --- audit -----------------------------------------------------------------------------
     /// Appends records on their own (sign-in attempts and other events that change nothing
