@@ -1,8 +1,9 @@
 //! Wire types of the NEXUS HTTP API, shared by the server (which documents them in OpenAPI),
 //! the agent and the tests, so all three agree on one definition.
 
+use nexus_domain::approval::{ApprovalStatus, CommandStatus};
 use nexus_domain::audit::{Actor, AuditResult, AuditTarget, BrokenLink};
-use nexus_domain::command::{DeviceCommand, Risk};
+use nexus_domain::command::DeviceCommand;
 use nexus_domain::report::{AgentReport, ApprovalLevel};
 use nexus_domain::{DeviceStatus, FieldError, Role};
 use serde::{Deserialize, Serialize};
@@ -101,6 +102,10 @@ pub struct CompletePairingResponse {
     /// Trade it at `POST /devices/token/refresh` for a new pair; single use.
     pub refresh_token: String,
     pub refresh_expires_at: String,
+    /// The server's public keys (JWK Set): approved RED commands carry a signature by one of
+    /// them, which the device checks before running the command.
+    #[schema(value_type = Object)]
+    pub server_keys: Value,
     /// `org:project`.
     pub tenant: String,
     pub org_id: String,
@@ -142,6 +147,10 @@ pub struct AckRequest {
     /// When the device received the command (RFC 3339).
     #[serde(default)]
     pub received_at: Option<String>,
+    /// The delivery being acknowledged (`attempt` of the pulled command); 1 if omitted. An ack
+    /// for an older delivery than the latest is refused (409 `stale_attempt`).
+    #[serde(default)]
+    pub attempt: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -171,21 +180,6 @@ pub struct EmitReportRequest {
 pub struct EmitReportResponse {
     pub accepted: bool,
     pub event_id: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct EnqueueCommandRequest {
-    pub device_id: String,
-    #[serde(rename = "type")]
-    pub command_type: String,
-    #[serde(default = "empty_object")]
-    #[schema(value_type = Object)]
-    pub params: Value,
-    /// Defaults to RED: an unclassified command never runs without approval.
-    #[serde(default)]
-    pub risk: Option<Risk>,
-    #[serde(default)]
-    pub session_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -472,4 +466,113 @@ pub struct AuditChainView {
 pub struct AuditVerifyResponse {
     pub ok: bool,
     pub chains: Vec<AuditChainView>,
+}
+
+// --- commands and approvals ------------------------------------------------------------------
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct ProposeClientContext {
+    #[serde(default)]
+    pub correlation_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ProposeCommandRequest {
+    /// Your idempotency key (1 to 64 of `[A-Za-z0-9_-]`): repeating the request returns the same
+    /// answer; the same id with a different body is 409.
+    pub command_id: String,
+    #[serde(rename = "type")]
+    pub command_type: String,
+    #[serde(default = "empty_object")]
+    #[schema(value_type = Object)]
+    pub params: Value,
+    pub device_id: String,
+    /// Where progress is reported (default `device:<device_id>`).
+    #[serde(default)]
+    pub session_id: Option<String>,
+    #[serde(default)]
+    pub client_context: ProposeClientContext,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ProposeCommandResponse {
+    pub accepted: bool,
+    pub command_id: String,
+    pub correlation_id: String,
+    /// `green`, `yellow` or `red`.
+    pub risk: String,
+    /// `queued` or `pending_approval` (or the current status when the request was repeated).
+    pub status: CommandStatus,
+    pub approval_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CommandView {
+    pub command_id: String,
+    #[serde(rename = "type")]
+    pub command_type: String,
+    #[schema(value_type = Object)]
+    pub params: Value,
+    pub device_id: String,
+    pub session_id: String,
+    pub correlation_id: String,
+    pub risk: String,
+    pub status: CommandStatus,
+    pub approval_id: Option<String>,
+    pub requested_by: String,
+    pub requested_at: String,
+    pub updated_at: String,
+    /// Deadline of the current state (delivery or execution), if any.
+    pub deadline: Option<String>,
+    pub attempt: u32,
+    /// The command this one re-proposes.
+    pub replaces: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CommandsListResponse {
+    pub commands: Vec<CommandView>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ApprovalView {
+    pub approval_id: String,
+    pub command_id: String,
+    pub device_id: String,
+    #[serde(rename = "type")]
+    pub command_type: String,
+    pub risk: String,
+    pub summary: String,
+    pub requested_by: String,
+    pub requested_at: String,
+    pub expires_at: String,
+    pub status: ApprovalStatus,
+    pub decided_by: Option<String>,
+    pub decided_at: Option<String>,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ApprovalsResponse {
+    pub approvals: Vec<ApprovalView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DecideRequest {
+    /// `approve` or `deny`.
+    pub decision: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DecideResponse {
+    pub accepted: bool,
+    pub approval_id: String,
+    pub status: ApprovalStatus,
+    pub command_id: String,
+    pub command_status: CommandStatus,
 }

@@ -120,6 +120,24 @@ impl RingKey {
 
 /// `kid` = the first 16 characters of base64url(SHA-256(raw public key)): stable, derived from
 /// the key itself, and reveals nothing about the private half.
+/// Verifies a detached base64url Ed25519 signature (strict verification) with a public key.
+pub fn verify_detached_with(key: &VerifyingKey, message: &[u8], signature: &str) -> bool {
+    let Ok(bytes) = URL_SAFE_NO_PAD.decode(signature) else {
+        return false;
+    };
+    let Ok(signature) = ed25519_dalek::Signature::from_slice(&bytes) else {
+        return false;
+    };
+    key.verify_strict(message, &signature).is_ok()
+}
+
+/// A public key from the `x` member of an Ed25519 JWK (base64url, 32 bytes).
+pub fn verifying_key_from_jwk_x(x: &str) -> Option<VerifyingKey> {
+    let bytes = URL_SAFE_NO_PAD.decode(x).ok()?;
+    let bytes: [u8; 32] = bytes.try_into().ok()?;
+    VerifyingKey::from_bytes(&bytes).ok()
+}
+
 pub fn kid_of(key: &VerifyingKey) -> String {
     let mut kid = URL_SAFE_NO_PAD.encode(Sha256::digest(key.as_bytes()));
     kid.truncate(16);
@@ -331,6 +349,27 @@ impl KeyRing {
         Ok(claims)
     }
 
+    /// Signs arbitrary bytes with the current signing key: `(kid, base64url signature)`. Used for
+    /// approval grants; their input starts with a purpose line (`nexus-approval-v1\n`), which a
+    /// JWS signing input (base64url text) can never contain, so a signature made for one purpose
+    /// cannot be replayed as the other.
+    pub fn sign_detached(&self, message: &[u8]) -> Result<(String, String), KeyRingError> {
+        let key = self.signing_key().ok_or(KeyRingError::NoSigningKey)?;
+        let signature = key.signing.sign(message);
+        Ok((
+            key.kid.clone(),
+            URL_SAFE_NO_PAD.encode(signature.to_bytes()),
+        ))
+    }
+
+    /// Checks a detached signature made by [`KeyRing::sign_detached`] with the key `kid`.
+    pub fn verify_detached(&self, kid: &str, message: &[u8], signature: &str) -> bool {
+        self.keys
+            .iter()
+            .find(|k| k.kid == kid)
+            .is_some_and(|k| verify_detached_with(&k.signing.verifying_key(), message, signature))
+    }
+
     /// The public keys as a JWK Set (RFC 7517/8037), for `/.well-known/jwks.json`.
     pub fn jwks(&self) -> serde_json::Value {
         let keys: Vec<serde_json::Value> = self
@@ -501,6 +540,24 @@ mod tests {
         let inner = Sha256::digest(inner);
         let outer: Vec<u8> = k.iter().map(|b| b ^ 0x5c).chain(inner).collect();
         Sha256::digest(outer).to_vec()
+    }
+
+    #[test]
+    fn detached_signatures_verify_only_unchanged() {
+        let ring = KeyRing::ephemeral();
+        let (kid, sig) = ring.sign_detached(b"nexus-approval-v1\n{}").unwrap();
+        assert!(ring.verify_detached(&kid, b"nexus-approval-v1\n{}", &sig));
+        assert!(!ring.verify_detached(&kid, b"nexus-approval-v1\n{ }", &sig));
+        assert!(!ring.verify_detached("other", b"nexus-approval-v1\n{}", &sig));
+        assert!(!KeyRing::ephemeral().verify_detached(&kid, b"nexus-approval-v1\n{}", &sig));
+        let jwks = ring.jwks();
+        let key = verifying_key_from_jwk_x(jwks["keys"][0]["x"].as_str().unwrap()).unwrap();
+        assert!(verify_detached_with(&key, b"nexus-approval-v1\n{}", &sig));
+        assert!(!verify_detached_with(
+            &key,
+            b"nexus-approval-v1\n{}",
+            "AAAA"
+        ));
     }
 
     #[test]

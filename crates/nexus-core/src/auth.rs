@@ -141,6 +141,22 @@ impl AuthService {
         }
     }
 
+    /// Signs `message` with the current signing key (approval grants): `(kid, signature)`.
+    pub fn sign_detached(&self, message: &[u8]) -> CoreResult<(String, String)> {
+        self.keys
+            .read()
+            .map_err(|_| CoreError::Unexpected(anyhow::anyhow!("key ring lock poisoned")))?
+            .sign_detached(message)
+            .map_err(|e| CoreError::Unexpected(anyhow::anyhow!("signing: {e}")))
+    }
+
+    /// Checks a signature made by [`AuthService::sign_detached`].
+    pub fn verify_detached(&self, kid: &str, message: &[u8], signature: &str) -> bool {
+        self.keys
+            .read()
+            .is_ok_and(|keys| keys.verify_detached(kid, message, signature))
+    }
+
     /// Replaces the key ring (after a rotation on disk); tokens of every key still in it stay valid.
     pub fn replace_keys(&self, ring: KeyRing) {
         if let Ok(mut keys) = self.keys.write() {

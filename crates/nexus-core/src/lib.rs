@@ -60,11 +60,12 @@ impl Services {
         let devices = devices::DeviceService::new(store.clone(), config.clone(), bus.clone());
         let forget = devices.clone();
         bus.start(hub.clone(), Arc::new(move |device| forget.forget(device)));
+        let reports = reports::ReportService::new(store.clone(), hub.clone(), bus);
         Self {
             pairing: pairing::PairingService::new(store.clone(), &config),
             devices,
-            commands: commands::CommandService::new(store.clone()),
-            reports: reports::ReportService::new(store.clone(), hub.clone(), bus),
+            commands: commands::CommandService::new(store.clone(), reports.clone(), auth.clone()),
+            reports,
             streams: stream::StreamService::new(store.clone(), hub.clone(), config.clone()),
             access: auth::AccessService::new(store.clone()),
             accounts: accounts::AccountService::new(store.clone(), auth.clone()),

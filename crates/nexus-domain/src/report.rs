@@ -268,6 +268,33 @@ impl ValidatedReport {
     }
 
     /// Stamps the server-owned fields and renders the JSON that is stored and streamed.
+    /// `meta.causality.command_id`, when the report is about a command.
+    pub fn command_id(&self) -> Option<&str> {
+        self.json
+            .get("meta")?
+            .get("causality")?
+            .get("command_id")?
+            .as_str()
+            .filter(|id| !id.is_empty())
+    }
+
+    /// `meta.causality.type` (e.g. `command.failed`).
+    pub fn causality_type(&self) -> Option<&str> {
+        self.json
+            .get("meta")?
+            .get("causality")?
+            .get("type")?
+            .as_str()
+    }
+
+    /// Whether the report lists anything under `blocked`.
+    pub fn has_blocked(&self) -> bool {
+        self.json
+            .get("blocked")
+            .and_then(Value::as_array)
+            .is_some_and(|b| !b.is_empty())
+    }
+
     pub fn render(&self, tenant: &TenantId, event_id: EventId) -> String {
         let mut json = self.json.clone();
         if let Some(Value::Object(meta)) = json.get_mut("meta") {

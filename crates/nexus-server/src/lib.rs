@@ -110,6 +110,7 @@ pub async fn launch(
         keys_dir,
         lifecycle.streams_closing.clone(),
     );
+    spawn_sweeper(services.commands.clone(), lifecycle.streams_closing.clone());
     if replicated {
         spawn_resync(
             services.hub.clone(),
@@ -186,6 +187,25 @@ fn spawn_key_reload(
                 Err(e) => {
                     tracing::warn!(error = %e, "reloading signing keys failed; keeping the current ones")
                 }
+            }
+        }
+    });
+}
+
+/// Expires approvals nobody decided (auto-deny) and times out commands, within a second of
+/// their deadline and whether or not anyone asks. Every replica runs one; each change is a
+/// compare-and-set, so they never double up.
+fn spawn_sweeper(commands: nexus_core::commands::CommandService, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(nexus_core::commands::SWEEP_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            if let Err(e) = commands.sweep(nexus_domain::time::now_millis()).await {
+                tracing::warn!(error = %e, "command sweeper failed; retrying");
             }
         }
     });

@@ -47,6 +47,9 @@ pub async fn heartbeat(
 pub struct CommandsQuery {
     /// `next_cursor` of the previous pull; omit to get every unacknowledged command.
     pub cursor: Option<String>,
+    /// Long-poll: wait up to this many seconds (at most 30) for a command before answering
+    /// with an empty list; answers as soon as one is queued.
+    pub wait: Option<u64>,
 }
 
 #[utoipa::path(get, path = "/devices/{id}/commands", tag = "devices",
@@ -57,10 +60,11 @@ pub async fn commands(
     Device(device): Device,
     ApiQuery(query): ApiQuery<CommandsQuery>,
 ) -> ApiResult<Json<CommandsResponse>> {
+    let wait = std::time::Duration::from_secs(query.wait.unwrap_or(0));
     let pulled = state
         .services
         .commands
-        .pull(&device, query.cursor.as_deref())
+        .pull(&device, query.cursor.as_deref(), wait, now_millis)
         .await?;
     Ok(Json(CommandsResponse {
         commands: pulled.commands,
@@ -83,6 +87,7 @@ pub async fn ack(
     State(state): State<AppState>,
     Device(device): Device,
     Path(path): Path<AckPath>,
+    Meta(meta): Meta,
     ApiJson(body): ApiJson<AckRequest>,
 ) -> ApiResult<Json<OkResponse>> {
     if let Some(at) = &body.received_at
@@ -92,13 +97,13 @@ pub async fn ack(
             ValidationErrors::single("received_at", "must be an RFC 3339 timestamp").into(),
         );
     }
-    let command_id = CommandId::parse("cid", &path.cid).map_err(|_| {
-        nexus_core::CoreError::not_found("command_not_found", "no such command for this device")
+    let command_id = command_id(&path.cid).map_err(|_| {
+        CoreError::not_found("command_not_found", "no such command for this device")
     })?;
     state
         .services
         .commands
-        .ack(&device, &command_id, now_millis())
+        .ack(&device, &command_id, body.attempt, &meta, now_millis())
         .await?;
     Ok(Json(OkResponse { ok: true }))
 }
@@ -112,24 +117,51 @@ pub async fn ack(
 pub async fn push_reports(
     State(state): State<AppState>,
     Device(device): Device,
+    Meta(meta): Meta,
     ApiJson(body): ApiJson<PushReportsRequest, REPORT_BODY_LIMIT>,
 ) -> ApiResult<Json<PushReportsResponse>> {
     let reports = ReportService::validate(&body.reports)?;
+    let now = now_millis();
     let appended = state
         .services
         .reports
         .ingest(
             &device.tenant,
             Some(&device.device_id),
-            reports,
-            now_millis(),
+            reports.clone(),
+            now,
         )
         .await?;
+    // Reports that answer a command finish it (a duplicate report changes nothing).
+    if reports.iter().any(|r| r.command_id().is_some()) {
+        let fresh: Vec<_> = reports
+            .into_iter()
+            .zip(&appended)
+            .filter(|(_, e)| !e.duplicate)
+            .collect();
+        let (fresh_reports, ids): (Vec<_>, Vec<_>) = fresh
+            .into_iter()
+            .map(|(r, e)| (r, e.event.event_id))
+            .unzip();
+        state
+            .services
+            .commands
+            .observe_results(&device, &fresh_reports, &ids, &meta, now)
+            .await?;
+    }
     Ok(Json(PushReportsResponse {
         accepted: true,
         count: appended.len(),
         event_ids: appended.iter().map(|e| e.event.event_id).collect(),
     }))
+}
+
+/// Command ids are chosen by clients (idempotency keys): letters, digits, `_` and `-`.
+pub fn command_id(raw: &str) -> Result<CommandId, nexus_domain::ValidationErrors> {
+    nexus_domain::validation::check_token_chars("command_id", raw, 64, |c| {
+        c.is_ascii_alphanumeric() || matches!(c, '_' | '-')
+    })?;
+    Ok(CommandId::from_trusted(raw.to_owned()))
 }
 
 fn device_id(raw: &str) -> Result<nexus_domain::DeviceId, CoreError> {

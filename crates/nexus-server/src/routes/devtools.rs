@@ -4,14 +4,10 @@
 
 use axum::Json;
 use axum::extract::State;
-use nexus_api::{
-    DeviceView, DevicesResponse, EmitReportRequest, EmitReportResponse, EnqueueCommandRequest,
-};
-use nexus_core::commands::EnqueueRequest;
+use nexus_api::{DeviceView, DevicesResponse, EmitReportRequest, EmitReportResponse};
 use nexus_core::reports::ReportService;
-use nexus_domain::command::DeviceCommand;
 use nexus_domain::time::{now_millis, rfc3339};
-use nexus_domain::{DeviceId, SessionId, ValidationErrors};
+use nexus_domain::{SessionId, ValidationErrors};
 use serde_json::json;
 
 use crate::error::ApiResult;
@@ -83,30 +79,4 @@ pub async fn devices(
             })
             .collect(),
     }))
-}
-
-#[utoipa::path(post, path = "/devtools/enqueue_command", tag = "devtools",
-    security(("bearer" = [])), params(("x-org-id" = String, Header), ("x-project-id" = String, Header)),
-    request_body = EnqueueCommandRequest,
-    responses((status = 200, body = DeviceCommand)))]
-pub async fn enqueue_command(
-    State(state): State<AppState>,
-    Authorized { tenant, .. }: Authorized<perm::SendCommands>,
-    ApiJson(body): ApiJson<EnqueueCommandRequest>,
-) -> ApiResult<Json<DeviceCommand>> {
-    let request = EnqueueRequest {
-        device_id: DeviceId::parse("device_id", &body.device_id)?,
-        command_type: body.command_type,
-        params: body.params,
-        risk: body.risk,
-        session_id: body.session_id,
-        correlation_id: current_correlation_id(),
-    };
-    Ok(Json(
-        state
-            .services
-            .commands
-            .enqueue(&tenant, request, now_millis())
-            .await?,
-    ))
 }

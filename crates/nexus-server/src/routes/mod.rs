@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod commands;
 pub mod devices;
 pub mod devtools;
 pub mod health;
@@ -24,7 +25,7 @@ use crate::state::AppState;
 #[openapi(
     info(title = "NEXUS API", description = "Control plane for AI agents on people's own computers. Errors are RFC 9457 problem+json with a stable `code`."),
     modifiers(&DeviceTokenScheme),
-    tags((name = "auth", description = "Sign-in, sessions, two-factor"), (name = "orgs", description = "Organizations, projects, members"), (name = "audit"), (name = "pairing"), (name = "devices"), (name = "stream"), (name = "health"), (name = "devtools", description = "Only with --dev"))
+    tags((name = "auth", description = "Sign-in, sessions, two-factor"), (name = "orgs", description = "Organizations, projects, members"), (name = "audit"), (name = "commands", description = "Commands, approvals (two-phase commit) and the command policy"), (name = "pairing"), (name = "devices"), (name = "stream"), (name = "health"), (name = "devtools", description = "Only with --dev"))
 )]
 struct ApiDoc;
 
@@ -74,6 +75,15 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(orgs::update_member, orgs::remove_member))
         .routes(routes!(audit::logs))
         .routes(routes!(audit::verify))
+        .routes(routes!(commands::propose))
+        .routes(routes!(commands::list))
+        .routes(routes!(commands::get))
+        .routes(routes!(commands::cancel))
+        .routes(routes!(commands::repropose))
+        .routes(routes!(commands::approvals))
+        .routes(routes!(commands::approval))
+        .routes(routes!(commands::decide))
+        .routes(routes!(commands::get_policy, commands::put_policy))
         .routes(routes!(pairing::start))
         .routes(routes!(pairing::preview))
         .routes(routes!(pairing::confirm_by_code))
@@ -95,7 +105,6 @@ fn devtools_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(devtools::emit_report))
         .routes(routes!(devtools::devices))
-        .routes(routes!(devtools::enqueue_command))
 }
 
 /// The OpenAPI 3.1 document of the whole API (dev tools included, marked as such).

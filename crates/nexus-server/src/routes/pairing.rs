@@ -148,6 +148,7 @@ pub async fn complete(
         expires_at: rfc3339(done.tokens.access_expires_at),
         refresh_token: done.tokens.refresh_token.expose().to_owned(),
         refresh_expires_at: rfc3339(done.tokens.refresh_expires_at),
+        server_keys: state.services.auth.jwks(),
         tenant: done.tenant.to_string(),
         org_id: done.tenant.org().to_owned(),
         project_id: done.tenant.project().to_owned(),
