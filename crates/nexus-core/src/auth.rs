@@ -300,9 +300,10 @@ impl AuthService {
         if user.failed_logins > 0 {
             self.store.clear_login_failures(&user.id).await?;
         }
-        let issued = self
-            .start_session(user, meta, now, request.totp_code.is_some())
-            .await?;
+        // Only a factor that was checked counts: a code sent for an account without two-factor
+        // authentication is ignored, and must not mark the session (and its tokens' `mfa`).
+        let mfa = user.totp.enabled;
+        let issued = self.start_session(user, meta, now, mfa).await?;
         Ok(issued)
     }
 
