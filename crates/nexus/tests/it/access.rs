@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use nexus_domain::{Permission, Role};
 use reqwest::Method;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::support::*;
 

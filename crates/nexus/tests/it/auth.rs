@@ -732,11 +732,30 @@ async fn totp_codes_work_once_and_recovery_codes_work_once() {
     assert!(uri.contains(&format!("secret={secret}")), "{uri}");
     assert!(uri.contains("issuer=NEXUS"), "{uri}");
     assert!(setup["qr_svg"].as_str().expect("svg").contains("<svg"));
-    // Set up but not enabled: sign-in does not ask for a code yet.
+    // Set up but not enabled: sign-in does not ask for a code yet, and a code sent anyway
+    // (checked by nobody) must not mark the session as two-factor.
     let (s, _) = server
         .login_response(&user.email, &user.password, None)
         .await;
     assert_eq!(s, 200);
+    let (s, unchecked) = server
+        .login_response(&user.email, &user.password, Some("123456"))
+        .await;
+    assert_eq!(s, 200, "{unchecked}");
+    assert_eq!(
+        jwt_parts(&access(&unchecked)).1["mfa"],
+        false,
+        "no second factor was verified"
+    );
+    let (_, sessions) = get_status(&server, &access(&unchecked), "/auth/sessions").await;
+    assert!(
+        sessions["sessions"]
+            .as_array()
+            .expect("sessions")
+            .iter()
+            .all(|s| s["mfa"] == false),
+        "{sessions}"
+    );
 
     let now = unix_now();
     let wrong = if totp_code(&secret, now) == "000000" {
