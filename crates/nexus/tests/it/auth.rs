@@ -918,6 +918,63 @@ async fn totp_codes_work_once_and_recovery_codes_work_once() {
     assert_no_secrets(&server.log_text(), &secrets, "logs");
 }
 
+#[tokio::test]
+async fn guessing_totp_codes_with_the_right_password_is_throttled() {
+    let server = TestServer::start().await;
+    let user = server.new_member(ORG, "gus@nexus.test", "viewer").await;
+    let (s, setup) = status_json(
+        server
+            .as_user(&user.token, Method::POST, "/auth/mfa/totp/setup")
+            .send()
+            .await
+            .expect("setup"),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let secret = setup["secret"].as_str().expect("secret").to_owned();
+    let (s, enabled) = status_json(
+        server
+            .as_user(&user.token, Method::POST, "/auth/mfa/totp/enable")
+            .json(&json!({"code": totp_code(&secret, unix_now())}))
+            .send()
+            .await
+            .expect("enable"),
+    )
+    .await;
+    assert_eq!(s, 200, "{enabled}");
+    // Codes that match no step of the current window (checked, so a lucky guess cannot pass).
+    let now = unix_now();
+    let window: Vec<String> = (0..4)
+        .map(|i| totp_code(&secret, (now - 30 + i * 30).max(0)))
+        .collect();
+    let guesses: Vec<String> = (0..100_000u32)
+        .map(|n| format!("{:06}", n * 7 + 13))
+        .filter(|g| !window.contains(g))
+        .take(6)
+        .collect();
+    for guess in &guesses {
+        let (s, b) = server
+            .login_response(&user.email, &user.password, Some(guess))
+            .await;
+        assert_problem(s, &b, 401, "invalid_mfa_code");
+    }
+    let (s, b, retry) = {
+        let r = server
+            .http
+            .post(server.url("/auth/login"))
+            .json(&json!({"email": user.email, "password": user.password, "totp_code": totp_code(&secret, unix_now() + 30)}))
+            .send()
+            .await
+            .expect("login");
+        let retry = r.headers().get("retry-after").cloned();
+        let (s, b) = status_json(r).await;
+        (s, b, retry)
+    };
+    assert_problem(s, &b, 429, "too_many_attempts");
+    assert!(retry.is_some(), "Retry-After");
+    assert_no_secrets(&server.log_text(), &[&secret, &user.password], "logs");
+}
+
 /// The only test that waits for the clock: access tokens expire (after `--access-token-ttl` plus
 /// the verifier's 30 s allowance for clock skew), and a key added by `nexus admin keys rotate`
 /// on a running server is picked up by its periodic reload (every 30 s) without logging anyone
