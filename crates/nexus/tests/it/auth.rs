@@ -264,6 +264,39 @@ async fn repeated_failures_slow_down_real_and_unknown_accounts_alike() {
 }
 
 #[tokio::test]
+async fn concurrent_guesses_cannot_slip_past_the_backoff_together() {
+    let server = TestServer::start().await;
+    let user = server.new_member(ORG, "race@nexus.test", "viewer").await;
+    // 25 wrong passwords at once: only as many are checked as one after the other would be
+    // (five free failures and the sixth); the rest wait their turn and meet the backoff.
+    let attempts: Vec<_> = (0..25)
+        .map(|_| {
+            let (http, url, email) = (
+                server.http.clone(),
+                server.url("/auth/login"),
+                user.email.clone(),
+            );
+            tokio::spawn(async move {
+                let r = http
+                    .post(url)
+                    .json(&json!({"email": email, "password": "Wrong-password-1!"}))
+                    .send()
+                    .await
+                    .expect("login");
+                r.status().as_u16()
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for attempt in attempts {
+        statuses.push(attempt.await.expect("join"));
+    }
+    let checked = statuses.iter().filter(|s| **s == 401).count();
+    let throttled = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!((checked, throttled), (6, 19), "{statuses:?}");
+}
+
+#[tokio::test]
 async fn one_address_spraying_many_accounts_is_cut_off() {
     let server = TestServer::start().await;
     // Credential stuffing: few tries per account (never throttled per account), many accounts.
