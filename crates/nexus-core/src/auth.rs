@@ -25,6 +25,7 @@ use serde_json::json;
 
 use crate::context::RequestMeta;
 use crate::error::{CoreError, CoreResult};
+use crate::locks::StripedLocks;
 
 pub const ISSUER: &str = "nexus";
 pub const AUDIENCE: &str = "nexus-api";
@@ -104,32 +105,7 @@ pub struct AuthService {
     /// Sign-ins of one account run one at a time on this replica (striped by email), so the
     /// failure count read before checking a password is the count after the previous attempt:
     /// concurrent guesses cannot all pass the backoff check together.
-    login_locks: Arc<LoginLocks>,
-}
-
-/// A fixed set of locks, one picked per email by a per-process random hash.
-struct LoginLocks {
-    hasher: std::collections::hash_map::RandomState,
-    locks: Vec<tokio::sync::Mutex<()>>,
-}
-
-impl LoginLocks {
-    const STRIPES: usize = 64;
-
-    fn new() -> Self {
-        Self {
-            hasher: std::collections::hash_map::RandomState::new(),
-            locks: (0..Self::STRIPES)
-                .map(|_| tokio::sync::Mutex::new(()))
-                .collect(),
-        }
-    }
-
-    fn for_email(&self, email: &Email) -> &tokio::sync::Mutex<()> {
-        use std::hash::BuildHasher;
-        let hash = self.hasher.hash_one(email.as_str());
-        &self.locks[usize::try_from(hash % Self::STRIPES as u64).unwrap_or(0)]
-    }
+    login_locks: Arc<StripedLocks>,
 }
 
 fn millis(d: Duration) -> Millis {
@@ -156,7 +132,7 @@ impl AuthService {
                 100_000,
             )),
             unknown_failures: Arc::new(SlidingWindowLimiter::new(u32::MAX, IP_WINDOW, 100_000)),
-            login_locks: Arc::new(LoginLocks::new()),
+            login_locks: Arc::new(StripedLocks::new(64)),
         }
     }
 
@@ -273,7 +249,7 @@ impl AuthService {
             return Err(invalid_credentials());
         }
         let email = Email::parse(&request.email)?;
-        let _one_at_a_time = self.login_locks.for_email(&email).lock().await;
+        let _one_at_a_time = self.login_locks.lock(email.as_str()).await;
         let user = self.store.user_by_email(&email).await?;
         // Throttle before the expensive hash; unknown emails are throttled the same way.
         let (failures, last_failure) = match &user {
