@@ -179,6 +179,34 @@ async fn the_preview_shows_what_the_device_said_and_code_guessing_is_throttled()
 }
 
 #[tokio::test]
+async fn concurrent_code_guesses_cannot_slip_past_the_limit_together() {
+    let server = TestServer::start().await;
+    let started = start_pairing(&server, json!({"device_name": "target"})).await;
+    let code = str_of(&started, "pairing_code").to_owned();
+    let guesses: Vec<String> = (0..20u32)
+        .map(|i| format!("{:03}-{:03}", 100 + i, 300 + i))
+        .filter(|g| *g != code)
+        .take(19)
+        .collect();
+    let attempts: Vec<_> = guesses
+        .iter()
+        .map(|guess| {
+            let request = server
+                .web(Method::POST, "/devices/pairing/preview")
+                .json(&json!({"pairing_code": guess}));
+            tokio::spawn(async move { request.send().await.expect("send").status().as_u16() })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for attempt in attempts {
+        statuses.push(attempt.await.expect("join"));
+    }
+    let checked = statuses.iter().filter(|s| **s == 404).count();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!((checked, refused), (5, 14), "{statuses:?}");
+}
+
+#[tokio::test]
 async fn device_tokens_rotate_and_a_reused_refresh_token_revokes_the_device() {
     let server = TestServer::start().await;
     let started = start_pairing(&server, json!({"device_name": "pc"})).await;
