@@ -1114,3 +1114,108 @@ async fn access_tokens_expire_and_rotated_keys_load_without_logging_anyone_out()
         "tokens of the previous key stay valid"
     );
 }
+
+/// Sends `n` copies of a request at once and returns their statuses.
+async fn race(n: usize, request: impl Fn() -> reqwest::RequestBuilder) -> Vec<u16> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let request = request();
+            tokio::spawn(async move { request.send().await.expect("send").status().as_u16() })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for task in tasks {
+        statuses.push(task.await.expect("join"));
+    }
+    statuses
+}
+
+#[tokio::test]
+async fn single_use_secrets_cannot_be_spent_twice_by_racing() {
+    let server = TestServer::start().await;
+    let user = server.new_member(ORG, "racer@nexus.test", "viewer").await;
+
+    // One refresh token, ten simultaneous refreshes: at most one new token pair exists.
+    let statuses = race(10, || {
+        server
+            .http
+            .post(server.url("/auth/refresh"))
+            .json(&json!({"refresh_token": user.refresh_token}))
+    })
+    .await;
+    assert!(
+        statuses.iter().filter(|s| **s == 200).count() <= 1,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 401),
+        "{statuses:?}"
+    );
+
+    // One stream ticket, ten simultaneous streams: at most one opens.
+    let (s, ticket) = status_json(
+        server
+            .web(Method::POST, "/auth/stream-ticket")
+            .json(&json!({"session_id": "s-race"}))
+            .send()
+            .await
+            .expect("ticket"),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let url = server.url(&format!(
+        "/agent/reports/stream?session_id=s-race&ticket={}",
+        ticket["ticket"].as_str().expect("ticket")
+    ));
+    let statuses = race(10, || server.http.get(&url)).await;
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        1,
+        "{statuses:?}"
+    );
+
+    // The losers presented a spent token: reuse detection ended the session, winner included.
+    let (s, body) = get_status(&server, &user.token, "/auth/me").await;
+    assert_problem(s, &body, 401, "session_ended");
+
+    // One TOTP code and one recovery code, each raced: each signs in at most once.
+    let token = server.login(&user.email, &user.password).await;
+    let (_, setup) = status_json(
+        server
+            .as_user(&token, Method::POST, "/auth/mfa/totp/setup")
+            .send()
+            .await
+            .expect("setup"),
+    )
+    .await;
+    let secret = setup["secret"].as_str().expect("secret").to_owned();
+    let (s, enabled) = status_json(
+        server
+            .as_user(&token, Method::POST, "/auth/mfa/totp/enable")
+            .json(&json!({"code": totp_code(&secret, unix_now())}))
+            .send()
+            .await
+            .expect("enable"),
+    )
+    .await;
+    assert_eq!(s, 200, "{enabled}");
+    let next = totp_code(&secret, unix_now() + 30);
+    let recovery = enabled["recovery_codes"][0]
+        .as_str()
+        .expect("code")
+        .to_owned();
+    for code in [next, recovery] {
+        let statuses = race(5, || {
+            server
+                .http
+                .post(server.url("/auth/login"))
+                .json(&json!({"email": user.email, "password": user.password, "totp_code": code}))
+        })
+        .await;
+        assert_eq!(
+            statuses.iter().filter(|s| **s == 200).count(),
+            1,
+            "{code}: {statuses:?}"
+        );
+    }
+}

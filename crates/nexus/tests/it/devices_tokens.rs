@@ -481,3 +481,41 @@ async fn devices_are_listed_renamed_and_deleted_with_immediate_revocation() {
         assert_eq!(entry["result"], "success");
     }
 }
+
+#[tokio::test]
+async fn a_device_refresh_token_cannot_be_spent_twice_by_racing() {
+    let server = TestServer::start().await;
+    let device = server.pair_device("pc").await;
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let request = server
+                .http
+                .post(server.url("/devices/token/refresh"))
+                .json(&json!({"device_id": device.id, "refresh_token": device.refresh_token}));
+            tokio::spawn(async move {
+                let (s, body) = status_json(request.send().await.expect("send")).await;
+                (s, body["device_token"].as_str().map(str::to_owned))
+            })
+        })
+        .collect();
+    let mut issued = Vec::new();
+    let mut statuses = Vec::new();
+    for task in tasks {
+        let (s, token) = task.await.expect("join");
+        statuses.push(s);
+        issued.extend(token);
+    }
+    assert!(issued.len() <= 1, "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 401),
+        "{statuses:?}"
+    );
+    // Whatever won, at most one access token of the device works now.
+    let mut working = 0;
+    for token in issued.iter().chain(std::iter::once(&device.token)) {
+        if heartbeat(&server, &device.id, token).await.0 == 200 {
+            working += 1;
+        }
+    }
+    assert!(working <= 1, "{working} tokens work");
+}
