@@ -1007,3 +1007,45 @@ async fn a_stream_ticket_opens_one_stream_once_for_its_session_only() {
         "tickets never reach the logs"
     );
 }
+
+/// Known gap (reported, not fixed here): authorization is checked when a stream opens, so a
+/// stream that is already open keeps delivering after its user is removed from the organization
+/// or logs out. Run with `--ignored` to see it.
+#[tokio::test]
+#[ignore = "open SSE streams are not re-authorized after logout or removal from the org"]
+async fn an_open_stream_stops_when_its_user_loses_access() {
+    let server = TestServer::start().await;
+    let device = server.pair_device("pc").await;
+    let viewer = server.new_member(ORG, "leaver@nexus.test", "viewer").await;
+    let mut stream = SseClient::open(server.as_user(
+        &viewer.token,
+        Method::GET,
+        "/agent/reports/stream?session_id=s-open",
+    ))
+    .await;
+    stream.next_data(WAIT).await.expect("snapshot");
+    let r = server
+        .web(
+            Method::DELETE,
+            &format!("/orgs/{ORG}/members/{}", viewer.id),
+        )
+        .send()
+        .await
+        .expect("remove");
+    assert_eq!(r.status(), 204);
+    let r = server
+        .as_user(&viewer.token, Method::POST, "/auth/logout")
+        .send()
+        .await
+        .expect("logout");
+    assert_eq!(r.status(), 204);
+    server
+        .push(&device, vec![report("s-open", "after-removal")])
+        .await;
+    let next = stream.next_data(Duration::from_secs(10)).await;
+    assert!(
+        next.is_none(),
+        "a removed, signed-out user still receives: {:?}",
+        next.map(|e| e.data)
+    );
+}
