@@ -559,6 +559,15 @@ impl AuthService {
         })
     }
 
+    /// Whether a principal's session is still active (long-lived requests re-check this).
+    pub async fn still_signed_in(&self, principal: &Principal, now: Millis) -> CoreResult<bool> {
+        Ok(self
+            .store
+            .auth_session(&principal.session_id)
+            .await?
+            .is_some_and(|s| s.user_id == principal.user_id && s.is_active(now)))
+    }
+
     pub async fn logout(
         &self,
         principal: &Principal,
