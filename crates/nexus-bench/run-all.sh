@@ -16,6 +16,11 @@
 #   BENCH_THREADS      tokio worker threads of the load generator (default: all CPUs)
 #   RESULTS            JSON-lines output (default docs/benchmarks/<timestamp>.jsonl in the workspace)
 #   CARGO_TARGET_DIR   where nexus-bench is built (default: the workspace's target/)
+#   AUTHCOST=0         skip the cost-of-authentication run (NEXUS only; default: run it)
+#   NEXUS_BENCH_EMAIL, NEXUS_BENCH_PASSWORD
+#                      web user of the NEXUS runs (default: the bench's defaults). Every NEXUS
+#                      run spawns a fresh server with them as its bootstrap admin; the bench
+#                      signs in, creates its org/project and sends the bearer on web requests.
 #
 # Every run is bounded: each benchmark invocation is wrapped in `timeout`, and
 # the servers started here are stopped on exit (also on Ctrl-C / failure).
@@ -182,6 +187,9 @@ for target in $TARGETS; do
         run "$target" fanout --subscribers 1000 --sessions 100 --rate 200 --duration "$DURATION"
         run "$target" fanout --subscribers 10000 --sessions 100 --rate 200 --duration "$DURATION"
         run "$target" idle --connections 10000 --sessions 100
+        if [[ "$target" == nexus && "${AUTHCOST:-1}" == 1 ]]; then
+            run "$target" authcost --connections 32 --duration "$DURATION"
+        fi
     done
 done
 

@@ -20,6 +20,15 @@
 #   RESULTS          JSON-lines output (default docs/benchmarks/pg-redis-<timestamp>.jsonl)
 #   KEEP=1           leave PostgreSQL / Redis running at the end
 #   SERVER_ARGS      extra flags for both replicas (e.g. "--credential-cache-ttl 5s")
+#   NEXUS_BENCH_EMAIL, NEXUS_BENCH_PASSWORD
+#                    the web user the bench signs in as (defaults: the bench's defaults); the
+#                    replicas get them as their bootstrap admin
+#
+# Authentication: both replicas use ONE signing-key directory (--jwt-keys-dir $WORK/keys, created
+# by replica A on start, read by B), as replicas must in production. Each bench process signs in
+# once on its --url; the access token is an Ed25519 JWT tied to a session stored in PostgreSQL, so
+# the token obtained from A also works on B (fan-out: pairing/publishing on A, SSE subscriptions on
+# B with the same token).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -40,6 +49,8 @@ RESULTS="${RESULTS:-$WS/docs/benchmarks/pg-redis-$(date +%Y%m%dT%H%M%S).jsonl}"
 WORK="$(mktemp -d /tmp/nexus-bench-replicas.XXXXXX)"
 DB="nexus_bench_$(date +%s)"
 A="http://127.0.0.1:$PORT_A"
+export NEXUS_BENCH_EMAIL="${NEXUS_BENCH_EMAIL:-bench@nexus.bench}"
+export NEXUS_BENCH_PASSWORD="${NEXUS_BENCH_PASSWORD:-Load-Test-Pass-2026!}"
 B="http://127.0.0.1:$PORT_B"
 mkdir -p "$(dirname "$RESULTS")"
 
@@ -76,9 +87,11 @@ PSQL=(psql -v ON_ERROR_STOP=1 -q -h 127.0.0.1 -p "$NEXUS_PG_PORT" -U postgres)
 APP_URL="postgres://nexus_app@127.0.0.1:$NEXUS_PG_PORT/$DB"
 
 start_replica() { # name port
-    mkdir -p "$WORK/$1"
+    mkdir -p "$WORK/$1" # $WORK/keys: created by the first replica (mode 0700)
+    NEXUS_BOOTSTRAP_ADMIN_EMAIL="$NEXUS_BENCH_EMAIL" NEXUS_BOOTSTRAP_ADMIN_PASSWORD="$NEXUS_BENCH_PASSWORD" \
     "$NEXUS_BIN" server --listen "127.0.0.1:$2" --data-dir "$WORK/$1" --dev \
-        --database-url "$APP_URL" --redis-url "$REDIS" --log warn ${SERVER_ARGS:-} >"$WORK/$1.log" 2>&1 &
+        --database-url "$APP_URL" --redis-url "$REDIS" --jwt-keys-dir "$WORK/keys" \
+        --log warn ${SERVER_ARGS:-} >"$WORK/$1.log" 2>&1 &
     PIDS+=("$!")
     for _ in $(seq 1 100); do
         curl -sf -o /dev/null "http://127.0.0.1:$2/health/ready" && return 0

@@ -228,6 +228,27 @@ impl ProcWatch {
     }
 }
 
+/// Context switches (voluntary + involuntary) of all threads of `pid` so far,
+/// from /proc/<pid>/task/*/status. Threads that exited are not counted.
+pub fn context_switches(pid: u32) -> Option<u64> {
+    let rd = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut total = 0;
+    for e in rd.flatten() {
+        let Ok(s) = std::fs::read_to_string(e.path().join("status")) else {
+            continue;
+        };
+        for l in s.lines() {
+            if let Some(v) = l
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                total += v.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    Some(total)
+}
+
 /// Server CPU usage between two samples, in percent of one core
 /// (assumes USER_HZ = 100, which is the case on Linux/x86_64).
 pub fn cpu_pct(a: &ProcSample, b: &ProcSample) -> f64 {
@@ -400,6 +421,14 @@ mod tests {
         // 2026-02-03T01:00:00Z
         assert_eq!(format_created_at(1_770_080_400), "2026-02-03T01:00:00+0000");
         assert_eq!(format_created_at(951_782_400), "2000-02-29T00:00:00+0000");
+    }
+
+    #[test]
+    fn counts_own_context_switches() {
+        let a = context_switches(std::process::id()).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        let b = context_switches(std::process::id()).unwrap();
+        assert!(b > a, "{a} -> {b}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+mod authcost;
 mod common;
 mod fanout;
 mod http;
@@ -16,6 +17,7 @@ mod sub;
 mod target;
 #[cfg(test)]
 mod tests;
+mod webauth;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -42,13 +44,23 @@ Every subcommand either targets a running server (--url http://127.0.0.1:PORT, o
 free port, temporary data dir, --dev; stopped at the end). Human-readable results go to stdout, \
 followed by ONE machine-readable JSON summary line (also appended to --json-out FILE).
 
+Authentication (--target nexus): before the run the bench signs in once with --email/--password \
+(POST /auth/login), creates --org and --org/--project if they do not exist (POST /orgs, \
+POST /orgs/{org}/projects; 201 or 409 both fine) and sends `Authorization: Bearer <access token>` \
+with every web request and SSE subscription (device calls keep their device tokens). A server \
+started with --spawn-server gets the same credentials as its bootstrap admin \
+(NEXUS_BOOTSTRAP_ADMIN_EMAIL/PASSWORD). Against a server started by hand, pass the credentials of \
+one of its users (e.g. its bootstrap admin). --no-login skips all this (servers without \
+authentication).
+
 Load may only target loopback addresses; anything else is refused. RLIMIT_NOFILE is raised \
 to 65536 (or the hard limit) at start-up, and inherited by a spawned server.
 
 Examples:
   nexus-bench ingest --spawn-server target/release/nexus --duration 10
   nexus-bench fanout --url http://127.0.0.1:8080 --server-pid 1234 --subscribers 10000
-  nexus-bench idle   --url http://127.0.0.1:18080 --target nchan --server-pid $(cat nginx.pid)";
+  nexus-bench idle   --url http://127.0.0.1:18080 --target nchan --server-pid $(cat nginx.pid)
+  nexus-bench authcost --spawn-server target/release/nexus --connections 32 --duration 10";
 
 #[derive(Parser, Debug)]
 #[command(name = "nexus-bench", version, about = ABOUT, long_about = LONG_ABOUT)]
@@ -122,6 +134,31 @@ Targets: 10,000 established in <= 1 s; <= 10 KB of server memory per idle connec
         #[command(flatten)]
         args: idle::IdleArgs,
     },
+    /// Cost of authentication: closed-loop GET /devices (bearer + tenant
+    /// headers) vs GET /devtools/devices (tenant headers only, same work) on
+    /// the same server; requests/s, latency, server CPU per request, difference.
+    #[command(long_about = "Cost of authentication per web request.
+
+Pairs --devices devices, then runs the same closed loop twice on the same server: --connections \
+keep-alive HTTP/1.1 connections, one request in flight each, --warmup s unmeasured then \
+--duration s measured, first against GET /devices (Authorization: Bearer + x-org-id/x-project-id: \
+access-token verification, session lookup, membership and project lookups, then the device list), \
+then against GET /devtools/devices (tenant headers only: the same device list without the auth \
+layer; the server must run with --dev). With --rounds N the pair is repeated, every second round \
+in the opposite order (ABBA), and the totals are over all rounds.
+
+Before measuring, one request of each kind checks that both answer 200 with the same devices and \
+that GET /devices without the bearer is refused.
+
+Reports per variant: requests/s (2xx), latency p50/p90/p99/p99.9/max, server CPU (percent of one \
+core and microseconds per request), bench CPU; and the difference authenticated - unauthenticated: \
+server CPU us per request, wall us per request (1/throughput), latency p50 and p99.")]
+    Authcost {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        args: authcost::AuthCostArgs,
+    },
     /// Print a side-by-side Markdown table (NEXUS vs nchan, with ratios) from
     /// JSON summary files written with --json-out.
     Report {
@@ -173,6 +210,25 @@ struct CommonArgs {
     /// its worker children are included).
     #[arg(long, env = "NEXUS_BENCH_SERVER_PID")]
     server_pid: Option<u32>,
+    /// Email of the web user the bench signs in as (target nexus). A spawned
+    /// server gets it as NEXUS_BOOTSTRAP_ADMIN_EMAIL.
+    #[arg(long, default_value = "bench@nexus.bench", env = "NEXUS_BENCH_EMAIL")]
+    email: String,
+    /// Password of that user. A spawned server gets it as
+    /// NEXUS_BOOTSTRAP_ADMIN_PASSWORD (it must satisfy the server's password
+    /// policy; the default does under both `default` and `nist`).
+    #[arg(
+        long,
+        default_value = "Load-Test-Pass-2026!",
+        env = "NEXUS_BENCH_PASSWORD",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    password: String,
+    /// Do not sign in (servers without authentication): no Authorization header,
+    /// no org/project set-up.
+    #[arg(long)]
+    no_login: bool,
     /// Tenant org sent as x-org-id.
     #[arg(long, default_value = "bench-org", env = "NEXUS_BENCH_ORG")]
     org: String,
@@ -203,9 +259,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let nofile = raise_nofile(65_536);
     let threads = match &cli.cmd {
-        Cmd::Ingest { common, .. } | Cmd::Fanout { common, .. } | Cmd::Idle { common, .. } => {
-            common.threads
-        }
+        Cmd::Ingest { common, .. }
+        | Cmd::Fanout { common, .. }
+        | Cmd::Idle { common, .. }
+        | Cmd::Authcost { common, .. } => common.threads,
         Cmd::MockServer { threads, .. } => *threads,
         Cmd::Report { args } => {
             return match report::run(args.clone()) {
@@ -245,6 +302,7 @@ enum Work {
     Ingest(ingest::IngestArgs),
     Fanout(fanout::FanoutArgs),
     Idle(idle::IdleArgs),
+    AuthCost(authcost::AuthCostArgs),
 }
 
 async fn real_main(cli: Cli, nofile: u64) -> Result<()> {
@@ -277,6 +335,7 @@ async fn real_main(cli: Cli, nofile: u64) -> Result<()> {
         Cmd::Ingest { common, args } => (common, Work::Ingest(args)),
         Cmd::Fanout { common, args } => (common, Work::Fanout(args)),
         Cmd::Idle { common, args } => (common, Work::Idle(args)),
+        Cmd::Authcost { common, args } => (common, Work::AuthCost(args)),
     };
 
     let mut spawned = None;
@@ -285,7 +344,8 @@ async fn real_main(cli: Cli, nofile: u64) -> Result<()> {
             if common.target != Target::Nexus {
                 bail!("--spawn-server only starts NEXUS; start nginx yourself for --target nchan");
             }
-            let mut s = SpawnedServer::start(bin, &common.server_args, common.keep_data)?;
+            let env = bootstrap_env(&common);
+            let mut s = SpawnedServer::start(bin, &common.server_args, &env, common.keep_data)?;
             let ready = s.wait_ready(Duration::from_secs(60)).await;
             let v = (s.url.clone(), Some(s.pid));
             spawned = Some(s);
@@ -301,7 +361,28 @@ async fn real_main(cli: Cli, nofile: u64) -> Result<()> {
         ),
     };
 
-    let ctx = Arc::new(build_ctx(&common, &url, pid)?);
+    let mut ctx = build_ctx(&common, &url, pid)?;
+    let mut login = None;
+    if common.target == Target::Nexus && !common.no_login {
+        let creds = webauth::Credentials {
+            email: common.email.clone(),
+            password: common.password.clone(),
+        };
+        match webauth::sign_in(&ctx.base, ctx.timeout, &creds, &common.org, &common.project).await {
+            Ok(s) => {
+                ctx.web_headers.push(s.header());
+                ctx.sse_header_lines = header_lines(&ctx.web_headers);
+                login = Some(s);
+            }
+            Err(e) => {
+                if let Some(s) = &spawned {
+                    eprintln!("server log tail:\n{}", s.log_tail());
+                }
+                return Err(e);
+            }
+        }
+    }
+    let ctx = Arc::new(ctx);
     eprintln!(
         "nexus-bench: RLIMIT_NOFILE={nofile}, run id {}, server pid {}",
         ctx.run,
@@ -311,6 +392,7 @@ async fn real_main(cli: Cli, nofile: u64) -> Result<()> {
         Work::Ingest(a) => ingest::run(ctx.clone(), a).await,
         Work::Fanout(a) => fanout::run(ctx.clone(), a).await,
         Work::Idle(a) => idle::run(ctx.clone(), a).await,
+        Work::AuthCost(a) => authcost::run(ctx.clone(), a).await,
     };
     if let (Some(s), Err(_)) = (&spawned, &result) {
         eprintln!("server log tail:\n{}", s.log_tail());
@@ -324,6 +406,18 @@ async fn real_main(cli: Cli, nofile: u64) -> Result<()> {
         m.insert(
             "spawned_server".into(),
             Value::from(common.spawn_server.is_some()),
+        );
+        m.insert(
+            "login".into(),
+            match &login {
+                Some(l) => serde_json::json!({
+                    "email": common.email,
+                    "org": l.org,
+                    "project": l.project,
+                    "access_token_ttl_s": l.expires_in,
+                }),
+                None => Value::Null,
+            },
         );
         m.insert(
             "unix_time".into(),
@@ -341,6 +435,23 @@ async fn real_main(cli: Cli, nofile: u64) -> Result<()> {
         writeln!(f, "{line}")?;
     }
     Ok(())
+}
+
+/// Environment for a spawned server: the bench user becomes its bootstrap admin.
+fn bootstrap_env(common: &CommonArgs) -> Vec<(String, String)> {
+    if common.no_login {
+        return Vec::new();
+    }
+    vec![
+        (
+            "NEXUS_BOOTSTRAP_ADMIN_EMAIL".to_string(),
+            common.email.clone(),
+        ),
+        (
+            "NEXUS_BOOTSTRAP_ADMIN_PASSWORD".to_string(),
+            common.password.clone(),
+        ),
+    ]
 }
 
 fn build_ctx(common: &CommonArgs, url: &str, pid: Option<u32>) -> Result<Ctx> {

@@ -1,7 +1,10 @@
 //! A tiny in-memory stand-in for the NEXUS HTTP contract the bench uses
-//! (pairing, report push, SSE stream, readiness). It exists only to self-test
-//! the harness when no real server is at hand; it is not a performance
-//! reference (nothing is durable, there is no auth beyond device tokens).
+//! (web sign-in, org/project creation, pairing, report push, SSE stream, device
+//! list with and without auth, readiness). It exists only to self-test the
+//! harness when no real server is at hand; it is not a performance reference
+//! (nothing is durable; any email/password signs in, and an access token is
+//! any `mockjwt_…` string, accepted by every mock instance the way JWTs signed
+//! with a shared key are accepted by every replica).
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
@@ -42,6 +45,8 @@ struct State {
     pairings: Mutex<HashMap<String, Pairing>>, // by code
     tokens: Mutex<HashMap<String, (String, String)>>, // token -> (device_id, tenant)
     sessions: Mutex<HashMap<String, Session>>, // "tenant|session"
+    orgs: Mutex<HashSet<String>>,
+    projects: Mutex<HashSet<String>>, // "org:project"
 }
 
 /// Serve the mock on `listener` until the task is aborted.
@@ -94,6 +99,47 @@ fn tenant(req: &Request<Incoming>) -> Option<String> {
     Some(format!("{}:{}", h("x-org-id")?, h("x-project-id")?))
 }
 
+/// Whether the request carries a (mock) access token.
+fn signed_in(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| t.starts_with("mockjwt_"))
+}
+
+fn unauthorized() -> Response<Body> {
+    err(StatusCode::UNAUTHORIZED, "authentication_required")
+}
+
+/// Insert into a set: 201 when new, 409 when it was there.
+fn create(set: &Mutex<HashSet<String>>, key: String) -> Response<Body> {
+    let Ok(mut m) = set.lock() else {
+        return err(StatusCode::INTERNAL_SERVER_ERROR, "lock");
+    };
+    if m.insert(key.clone()) {
+        full(StatusCode::CREATED, json!({ "id": key }))
+    } else {
+        err(StatusCode::CONFLICT, "exists")
+    }
+}
+
+fn device_list(st: &State, tenant: &str) -> Response<Body> {
+    let Ok(tk) = st.tokens.lock() else {
+        return err(StatusCode::INTERNAL_SERVER_ERROR, "lock");
+    };
+    let mut devices: Vec<Value> = tk
+        .values()
+        .filter(|(_, t)| t == tenant)
+        .map(|(d, _)| json!({ "device_id": d, "status": "offline" }))
+        .collect();
+    devices.sort_by(|a, b| a["device_id"].as_str().cmp(&b["device_id"].as_str()));
+    full(
+        StatusCode::OK,
+        json!({ "tenant": tenant, "devices": devices }),
+    )
+}
+
 async fn body_json(req: Request<Incoming>) -> Option<Value> {
     let b = req.into_body().collect().await.ok()?.to_bytes();
     serde_json::from_slice(&b).ok()
@@ -109,6 +155,61 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     let n = st.counter.fetch_add(1, Ordering::Relaxed);
     match (method, path.as_str()) {
         (Method::GET, "/health/ready") => full(StatusCode::OK, json!({"status": "ready"})),
+        (Method::POST, "/auth/login") => {
+            let Some(v) = body_json(req).await else {
+                return err(StatusCode::BAD_REQUEST, "bad json");
+            };
+            if s(&v, "email").unwrap_or_default().is_empty()
+                || s(&v, "password").unwrap_or_default().is_empty()
+            {
+                return err(StatusCode::UNAUTHORIZED, "invalid_credentials");
+            }
+            let token = format!("mockjwt_{:x}{:x}", rand::random::<u64>(), n);
+            full(
+                StatusCode::OK,
+                json!({"access_token": token, "token_type": "Bearer", "expires_in": 900}),
+            )
+        }
+        (Method::POST, "/orgs") => {
+            if !signed_in(&req) {
+                return unauthorized();
+            }
+            let Some(org) = body_json(req).await.and_then(|v| s(&v, "org_id")) else {
+                return err(StatusCode::UNPROCESSABLE_ENTITY, "org_id");
+            };
+            create(&st.orgs, org)
+        }
+        (Method::POST, p) if p.starts_with("/orgs/") && p.ends_with("/projects") => {
+            if !signed_in(&req) {
+                return unauthorized();
+            }
+            let org = p
+                .trim_start_matches("/orgs/")
+                .trim_end_matches("/projects")
+                .to_string();
+            if !st.orgs.lock().is_ok_and(|o| o.contains(&org)) {
+                return err(StatusCode::NOT_FOUND, "org_not_found");
+            }
+            let Some(project) = body_json(req).await.and_then(|v| s(&v, "project_id")) else {
+                return err(StatusCode::UNPROCESSABLE_ENTITY, "project_id");
+            };
+            create(&st.projects, format!("{org}:{project}"))
+        }
+        (Method::GET, "/devices") => {
+            if !signed_in(&req) {
+                return unauthorized();
+            }
+            let Some(t) = tenant(&req) else {
+                return err(StatusCode::BAD_REQUEST, "tenant headers");
+            };
+            device_list(&st, &t)
+        }
+        (Method::GET, "/devtools/devices") => {
+            let Some(t) = tenant(&req) else {
+                return err(StatusCode::BAD_REQUEST, "tenant headers");
+            };
+            device_list(&st, &t)
+        }
         (Method::POST, "/devices/pairing/start") => {
             let Some(v) = body_json(req).await else {
                 return err(StatusCode::BAD_REQUEST, "bad json");
@@ -129,6 +230,9 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             full(StatusCode::OK, out)
         }
         (Method::POST, "/devices/pairing/confirm_by_code") => {
+            if !signed_in(&req) {
+                return unauthorized();
+            }
             let Some(t) = tenant(&req) else {
                 return err(StatusCode::UNAUTHORIZED, "tenant headers");
             };
@@ -176,6 +280,9 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             )
         }
         (Method::GET, "/agent/reports/stream") => {
+            if !signed_in(&req) {
+                return unauthorized();
+            }
             let Some(t) = tenant(&req) else {
                 return err(StatusCode::UNAUTHORIZED, "tenant headers");
             };

@@ -83,6 +83,49 @@ const IDLE: &[Metric] = &[
     ),
 ];
 
+const AUTHCOST: &[Metric] = &[
+    (
+        "authenticated req/s",
+        "/authenticated/requests_per_s",
+        false,
+    ),
+    (
+        "unauthenticated req/s",
+        "/unauthenticated/requests_per_s",
+        false,
+    ),
+    (
+        "authenticated p50 ms",
+        "/authenticated/latency/p50_ms",
+        true,
+    ),
+    (
+        "unauthenticated p50 ms",
+        "/unauthenticated/latency/p50_ms",
+        true,
+    ),
+    (
+        "authenticated p99 ms",
+        "/authenticated/latency/p99_ms",
+        true,
+    ),
+    (
+        "unauthenticated p99 ms",
+        "/unauthenticated/latency/p99_ms",
+        true,
+    ),
+    (
+        "auth cost: server CPU us/request",
+        "/auth_cost_us/server_cpu_per_request",
+        true,
+    ),
+    (
+        "auth cost: wall us/request (1/throughput)",
+        "/auth_cost_us/wall_per_request",
+        true,
+    ),
+];
+
 /// Metrics of a benchmark kind, and its runs by target name.
 type Group = (&'static [Metric], BTreeMap<String, Vec<Value>>);
 
@@ -113,6 +156,15 @@ fn key(v: &Value) -> Option<(String, &'static [Metric])> {
                 v.get("sessions")?
             ),
             IDLE,
+        ),
+        "authcost" => (
+            format!(
+                "authcost: {} connections, {} vs {}",
+                v.get("connections")?,
+                v.get("auth_path")?.as_str()?,
+                v.get("open_path")?.as_str()?
+            ),
+            AUTHCOST,
         ),
         _ => return None,
     })
@@ -237,6 +289,8 @@ mod tests {
                 r#"{"bench":"ingest","target":"nchan","connections":64,"batch":1,"reports_per_s":50000,"latency":{"p50_ms":1.0,"p99_ms":2.0}}"#,
                 "\n",
                 r#"{"bench":"ingest","target":"nchan","connections":64,"batch":1,"reports_per_s":1,"other_cpu_pct":90,"latency":{"p50_ms":1.0,"p99_ms":2.0}}"#,
+                "\n",
+                r#"{"bench":"authcost","target":"nexus","connections":32,"auth_path":"/devices","open_path":"/devtools/devices","authenticated":{"requests_per_s":3000},"unauthenticated":{"requests_per_s":6000},"auth_cost_us":{"server_cpu_per_request":250.5}}"#,
                 "\nnot json\n"
             ),
         )
@@ -254,5 +308,13 @@ mod tests {
         );
         assert!(t.contains("| request p99 ms | 5 | 2 | 2.50× |"), "{t}");
         assert!(t.contains("1 run(s) left out"), "{t}");
+        assert!(
+            t.contains("### authcost: 32 connections, /devices vs /devtools/devices"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| auth cost: server CPU us/request | 250 | – | – |"),
+            "{t}"
+        );
     }
 }

@@ -1,5 +1,7 @@
 //! `--spawn-server`: start `nexus server --listen 127.0.0.1:PORT --data-dir DIR --dev`
 //! on a free port with a temporary data dir, wait for /health/ready, stop it at the end.
+//! The bench user is handed to it as its bootstrap admin
+//! (`NEXUS_BOOTSTRAP_ADMIN_EMAIL` / `NEXUS_BOOTSTRAP_ADMIN_PASSWORD`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -25,8 +27,14 @@ fn free_port() -> Result<u16> {
 }
 
 impl SpawnedServer {
-    /// Start the server. The bench's (already raised) RLIMIT_NOFILE is inherited.
-    pub fn start(bin: &Path, extra_args: &[String], keep_data: bool) -> Result<Self> {
+    /// Start the server with `env` added to its environment (the bootstrap admin).
+    /// The bench's (already raised) RLIMIT_NOFILE is inherited.
+    pub fn start(
+        bin: &Path,
+        extra_args: &[String],
+        env: &[(String, String)],
+        keep_data: bool,
+    ) -> Result<Self> {
         let port = free_port()?;
         let data_dir = std::env::temp_dir().join(format!("nexus-bench-data-{}", run_id()));
         std::fs::create_dir_all(&data_dir)
@@ -44,6 +52,7 @@ impl SpawnedServer {
             .arg(&data_dir)
             .arg("--dev")
             .args(extra_args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
@@ -75,10 +84,14 @@ impl SpawnedServer {
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
-                bail!(
-                    "server exited early with {status}; log tail:\n{}",
-                    self.log_tail()
-                );
+                let tail = self.log_tail();
+                let hint = if tail.contains("creating the first admin") {
+                    "\n(--email/--password become the spawned server's bootstrap admin and must \
+                     satisfy its password policy)"
+                } else {
+                    ""
+                };
+                bail!("server exited early with {status}; log tail:\n{tail}{hint}");
             }
             let mut c = HttpConn::new(base.clone(), Duration::from_secs(2));
             match c.get("/health/ready", &[]).await {
@@ -94,10 +107,16 @@ impl SpawnedServer {
         )
     }
 
+    /// The last 20 lines of the server log; a fatal `Error: …` line (anyhow's
+    /// exit report, usually followed by a long backtrace) is put first.
     pub fn log_tail(&self) -> String {
         let s = std::fs::read_to_string(&self.log_path).unwrap_or_default();
         let lines: Vec<&str> = s.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        let tail = &lines[lines.len().saturating_sub(20)..];
+        match lines.iter().find(|l| l.starts_with("Error: ")) {
+            Some(e) if !tail.contains(e) => format!("{e}\n...\n{}", tail.join("\n")),
+            _ => tail.join("\n"),
+        }
     }
 
     /// SIGTERM, wait up to 5 s, then SIGKILL. Removes the data dir unless kept.

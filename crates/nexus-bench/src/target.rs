@@ -23,7 +23,8 @@ pub struct Device {
 pub struct Ctx {
     pub base: BaseUrl,
     pub target: Target,
-    /// Tenant headers + user-supplied extra headers (web requests, SSE).
+    /// Tenant headers + user-supplied extra headers + (NEXUS, signed in)
+    /// `authorization: Bearer <access token>`, for web requests and SSE.
     pub web_headers: Headers,
     /// The same, pre-rendered as raw header lines for the SSE subscribers.
     pub sse_header_lines: String,
@@ -116,12 +117,15 @@ pub async fn pair_device(ctx: &Ctx, conn: &mut HttpConn, name: &str) -> Result<D
         "device_type": "windows_companion",
         "capabilities": [],
     });
+    // The device side: tenant headers (optional pre-selection), never the user's token.
+    let device_headers: Headers = ctx
+        .web_headers
+        .iter()
+        .filter(|(k, _)| !k.eq_ignore_ascii_case("authorization"))
+        .cloned()
+        .collect();
     let r = conn
-        .post_json(
-            "/devices/pairing/start",
-            &ctx.web_headers,
-            start.to_string(),
-        )
+        .post_json("/devices/pairing/start", &device_headers, start.to_string())
         .await
         .context("pairing/start")?;
     if !r.ok() {

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use crate::common::{BaseUrl, ProcWatch, Target};
 use crate::target::{Ctx, header_lines};
-use crate::{fanout, idle, ingest, mock};
+use crate::webauth::{Credentials, sign_in};
+use crate::{authcost, fanout, idle, ingest, mock};
 
 async fn start_mock() -> (String, tokio::task::JoinHandle<anyhow::Result<()>>) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -13,12 +14,20 @@ async fn start_mock() -> (String, tokio::task::JoinHandle<anyhow::Result<()>>) {
     (url, tokio::spawn(mock::serve(l)))
 }
 
-fn ctx(url: &str) -> Arc<Ctx> {
+fn creds() -> Credentials {
+    Credentials {
+        email: "bench@nexus.bench".into(),
+        password: "Load-Test-Pass-2026!".into(),
+    }
+}
+
+/// A context without the bearer (what `--no-login` gives).
+fn ctx_anonymous(url: &str) -> Ctx {
     let web_headers = vec![
         ("x-org-id".to_string(), "o".to_string()),
         ("x-project-id".to_string(), "p".to_string()),
     ];
-    Arc::new(Ctx {
+    Ctx {
         base: BaseUrl::parse(url).unwrap(),
         target: Target::Nexus,
         sse_header_lines: header_lines(&web_headers),
@@ -31,14 +40,25 @@ fn ctx(url: &str) -> Arc<Ctx> {
             pid: std::process::id(),
         }),
         timeout: Duration::from_secs(5),
-    })
+    }
+}
+
+/// Signed in as the bench does it before a run: bearer in web headers and SSE.
+async fn ctx(url: &str) -> Arc<Ctx> {
+    let mut c = ctx_anonymous(url);
+    let s = sign_in(&c.base, c.timeout, &creds(), "o", "p")
+        .await
+        .unwrap();
+    c.web_headers.push(s.header());
+    c.sse_header_lines = header_lines(&c.web_headers);
+    Arc::new(c)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_against_mock() {
     let (url, h) = start_mock().await;
     let v = ingest::run(
-        ctx(&url),
+        ctx(&url).await,
         ingest::IngestArgs {
             connections: 8,
             devices: 3,
@@ -64,7 +84,7 @@ async fn ingest_against_mock() {
 async fn fanout_against_mock() {
     let (url, h) = start_mock().await;
     let v = fanout::run(
-        ctx(&url),
+        ctx(&url).await,
         fanout::FanoutArgs {
             sessions: 7,
             subscribers: 60,
@@ -104,7 +124,7 @@ async fn fanout_against_mock() {
 async fn idle_against_mock() {
     let (url, h) = start_mock().await;
     let v = idle::run(
-        ctx(&url),
+        ctx(&url).await,
         idle::IdleArgs {
             connections: 300,
             sessions: 10,
@@ -128,7 +148,7 @@ async fn idle_against_mock() {
 async fn subscriber_reports_http_errors() {
     let (url, h) = start_mock().await;
     // No tenant headers -> mock answers 401; every subscriber must fail cleanly.
-    let mut c = Arc::try_unwrap(ctx(&url)).ok().unwrap();
+    let mut c = Arc::try_unwrap(ctx(&url).await).ok().unwrap();
     c.sse_header_lines = String::new();
     let v = idle::run(
         Arc::new(c),
@@ -158,7 +178,7 @@ async fn fanout_subscribers_follow_subscribe_url() {
     let (url_a, ha) = start_mock().await;
     let (url_b, hb) = start_mock().await;
     let v = fanout::run(
-        ctx(&url_a),
+        ctx(&url_a).await,
         fanout::FanoutArgs {
             sessions: 2,
             subscribers: 4,
@@ -199,5 +219,133 @@ fn fanout_subscribe_url_arg() {
     assert_eq!(
         parse(&["--subscribe-url", "http://127.0.0.1:2"]).as_deref(),
         Some("http://127.0.0.1:2")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_in_creates_org_and_project_once() {
+    let (url, h) = start_mock().await;
+    let base = BaseUrl::parse(&url).unwrap();
+    let t = Duration::from_secs(5);
+    let first = sign_in(&base, t, &creds(), "o", "p").await.unwrap();
+    assert_eq!((first.org, first.project), ("created", "created"));
+    assert_eq!(first.expires_in, Some(900));
+    let again = sign_in(&base, t, &creds(), "o", "p").await.unwrap();
+    assert_eq!((again.org, again.project), ("existed", "existed"));
+    let bad = Credentials {
+        email: "bench@nexus.bench".into(),
+        password: String::new(),
+    };
+    let e = sign_in(&base, t, &bad, "o", "p").await.unwrap_err();
+    assert!(format!("{e:#}").contains("401"), "{e:#}");
+    h.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pairing_needs_the_bearer() {
+    let (url, h) = start_mock().await;
+    let c = Arc::new(ctx_anonymous(&url));
+    let e = crate::target::pair_devices(&c, 1, 1).await.unwrap_err();
+    assert!(
+        format!("{e:#}").contains("confirm_by_code: HTTP 401"),
+        "{e:#}"
+    );
+    let c = ctx(&url).await;
+    assert_eq!(
+        crate::target::pair_devices(&c, 2, 1).await.unwrap().len(),
+        2
+    );
+    h.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authcost_against_mock() {
+    let (url, h) = start_mock().await;
+    let v = authcost::run(
+        ctx(&url).await,
+        authcost::AuthCostArgs {
+            connections: 4,
+            devices: 3,
+            duration: 0.3,
+            warmup: 0.1,
+            rounds: 2,
+            pause: 0.0,
+            auth_path: "/devices".into(),
+            open_path: "/devtools/devices".into(),
+            pair_concurrency: 2,
+        },
+    )
+    .await
+    .unwrap();
+    h.abort();
+    assert_eq!(v["bench"], "authcost");
+    assert_eq!(v["devices_listed"], 3, "{v}");
+    assert_eq!(v["auth_path_without_bearer_status"], 401, "{v}");
+    assert_eq!(v["phases"].as_array().unwrap().len(), 4, "{v}");
+    // ABBA: round 2 starts with the unauthenticated variant.
+    assert_eq!(v["phases"][0]["variant"], "authenticated", "{v}");
+    assert_eq!(v["phases"][2]["variant"], "unauthenticated", "{v}");
+    for k in ["authenticated", "unauthenticated"] {
+        assert!(v[k]["ok_requests"].as_u64().unwrap() > 0, "{v}");
+        assert_eq!(v[k]["non_2xx"], 0, "{v}");
+        assert_eq!(v[k]["errors"], 0, "{v}");
+        assert!(v[k]["server_cpu_us_per_request"].as_f64().is_some(), "{v}");
+    }
+    assert!(
+        v["auth_cost_us"]["wall_per_request"].as_f64().is_some(),
+        "{v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authcost_refuses_without_login() {
+    let (url, h) = start_mock().await;
+    let e = authcost::run(
+        Arc::new(ctx_anonymous(&url)),
+        authcost::AuthCostArgs {
+            connections: 1,
+            devices: 0,
+            duration: 0.1,
+            warmup: 0.0,
+            rounds: 1,
+            pause: 0.0,
+            auth_path: "/devices".into(),
+            open_path: "/devtools/devices".into(),
+            pair_concurrency: 1,
+        },
+    )
+    .await
+    .unwrap_err();
+    h.abort();
+    assert!(format!("{e:#}").contains("--no-login"), "{e:#}");
+}
+
+#[test]
+fn credentials_args() {
+    use clap::Parser;
+    let common = |argv: &[&str]| {
+        let mut all = vec!["nexus-bench", "authcost", "--url", "http://127.0.0.1:1"];
+        all.extend_from_slice(argv);
+        match crate::Cli::try_parse_from(all).unwrap().cmd {
+            crate::Cmd::Authcost { common, args } => (common, args),
+            other => panic!("parsed as {other:?}"),
+        }
+    };
+    let (c, a) = common(&[]);
+    assert_eq!(c.email, "bench@nexus.bench");
+    assert!(!c.no_login);
+    assert_eq!(a.connections, 32);
+    assert_eq!(a.auth_path, "/devices");
+    assert_eq!(a.open_path, "/devtools/devices");
+    let (c, _) = common(&["--email", "a@b.c", "--password", "x", "--no-login"]);
+    assert_eq!((c.email.as_str(), c.password.as_str()), ("a@b.c", "x"));
+    assert!(c.no_login);
+    assert!(crate::bootstrap_env(&c).is_empty());
+    let (c, _) = common(&[]);
+    let env = crate::bootstrap_env(&c);
+    assert_eq!(env[0].0, "NEXUS_BOOTSTRAP_ADMIN_EMAIL");
+    assert_eq!(
+        env[1],
+        ("NEXUS_BOOTSTRAP_ADMIN_PASSWORD".into(), c.password.clone())
     );
 }

@@ -25,6 +25,7 @@ use serde_json::json;
 
 use crate::context::RequestMeta;
 use crate::error::{CoreError, CoreResult};
+use crate::locks::StripedLocks;
 
 pub const ISSUER: &str = "nexus";
 pub const AUDIENCE: &str = "nexus-api";
@@ -101,6 +102,10 @@ pub struct AuthService {
     /// Failures for emails with no account, so they are throttled exactly like real accounts
     /// and the answer never tells the two apart.
     unknown_failures: Arc<SlidingWindowLimiter>,
+    /// Sign-ins of one account run one at a time on this replica (striped by email), so the
+    /// failure count read before checking a password is the count after the previous attempt:
+    /// concurrent guesses cannot all pass the backoff check together.
+    login_locks: Arc<StripedLocks>,
 }
 
 fn millis(d: Duration) -> Millis {
@@ -127,6 +132,7 @@ impl AuthService {
                 100_000,
             )),
             unknown_failures: Arc::new(SlidingWindowLimiter::new(u32::MAX, IP_WINDOW, 100_000)),
+            login_locks: Arc::new(StripedLocks::new(64)),
         }
     }
 
@@ -259,6 +265,7 @@ impl AuthService {
             return Err(invalid_credentials());
         }
         let email = Email::parse(&request.email)?;
+        let _one_at_a_time = self.login_locks.lock(email.as_str()).await;
         let user = self.store.user_by_email(&email).await?;
         // Throttle before the expensive hash; unknown emails are throttled the same way.
         let (failures, last_failure) = match &user {
@@ -316,9 +323,10 @@ impl AuthService {
         if user.failed_logins > 0 {
             self.store.clear_login_failures(&user.id).await?;
         }
-        let issued = self
-            .start_session(user, meta, now, request.totp_code.is_some())
-            .await?;
+        // Only a factor that was checked counts: a code sent for an account without two-factor
+        // authentication is ignored, and must not mark the session (and its tokens' `mfa`).
+        let mfa = user.totp.enabled;
+        let issued = self.start_session(user, meta, now, mfa).await?;
         Ok(issued)
     }
 
@@ -565,6 +573,15 @@ impl AuthService {
             session_id,
             mfa: session.mfa,
         })
+    }
+
+    /// Whether a principal's session is still active (long-lived requests re-check this).
+    pub async fn still_signed_in(&self, principal: &Principal, now: Millis) -> CoreResult<bool> {
+        Ok(self
+            .store
+            .auth_session(&principal.session_id)
+            .await?
+            .is_some_and(|s| s.user_id == principal.user_id && s.is_active(now)))
     }
 
     pub async fn logout(

@@ -12,6 +12,7 @@ pub mod context;
 pub mod devices;
 pub mod error;
 pub mod hub;
+pub mod locks;
 pub mod pairing;
 pub mod reports;
 pub mod stream;

@@ -99,6 +99,9 @@ pub struct PairingService {
     token_ttls: crate::devices::DeviceTokenTtls,
     /// Wrong codes per user and per client address (RFC 8628 §5.2: codes are guessable).
     wrong_codes: Arc<nexus_auth::throttle::SlidingWindowLimiter>,
+    /// Code checks of one user run one at a time on this replica, so concurrent guesses cannot
+    /// all pass the wrong-code limit before any of them is counted.
+    guess_locks: Arc<crate::locks::StripedLocks>,
 }
 
 /// Wrong pairing codes one user or one address may try per window.
@@ -116,6 +119,7 @@ impl PairingService {
                 WRONG_CODE_WINDOW,
                 100_000,
             )),
+            guess_locks: Arc::new(crate::locks::StripedLocks::new(64)),
         }
     }
 
@@ -223,6 +227,7 @@ impl PairingService {
         meta: &RequestMeta,
         now: Millis,
     ) -> CoreResult<Pairing> {
+        let _one_at_a_time = self.guess_locks.lock(principal.user_id.as_str()).await;
         self.check_guessing(principal, meta, now)?;
         let not_found =
             || CoreError::not_found("pairing_not_found", "no pairing is waiting for this code");

@@ -80,6 +80,11 @@ pub struct ServerConfig {
     #[arg(long, env = "NEXUS_SSE_IDLE_TIMEOUT", default_value = "5m", value_parser = duration)]
     pub sse_idle_timeout: Duration,
 
+    /// How often an open stream re-checks that its viewer is still signed in and still a member
+    /// allowed to read it (logout, removal or a role change end the stream within this time).
+    #[arg(long, env = "NEXUS_SSE_REAUTHORIZE_INTERVAL", default_value = "60s", value_parser = duration)]
+    pub sse_reauthorize_interval: Duration,
+
     /// Reconnect delay suggested to SSE clients (`retry:`).
     #[arg(long, env = "NEXUS_SSE_RETRY", default_value = "1s", value_parser = duration)]
     pub sse_retry: Duration,

@@ -99,13 +99,20 @@ pub async fn stream(
         .open(&tenant, &session, cursor)
         .await?;
     let config = &state.config;
+    let recheck = Recheck {
+        state: state.clone(),
+        principal,
+        tenant: tenant.clone(),
+    };
     let events = sse_events(
         opened,
         Timing {
             retry: config.sse_retry,
             ping: config.sse_ping_interval,
             idle: config.sse_idle_timeout,
+            reauthorize: config.sse_reauthorize_interval,
         },
+        recheck,
         state.lifecycle.streams_closing.clone(),
     );
     let mut response = Sse::new(events).into_response();
@@ -121,11 +128,43 @@ struct Timing {
     retry: Duration,
     ping: Duration,
     idle: Duration,
+    reauthorize: Duration,
+}
+
+/// What an open stream re-checks now and then: the viewer may have logged out, been removed
+/// from the organization or lost the role since the stream opened.
+struct Recheck {
+    state: AppState,
+    principal: nexus_core::auth::Principal,
+    tenant: nexus_domain::TenantId,
+}
+
+impl Recheck {
+    async fn still_allowed(&self) -> bool {
+        let services = &self.state.services;
+        let signed_in = services
+            .auth
+            .still_signed_in(&self.principal, now_millis())
+            .await;
+        let authorized = services
+            .access
+            .authorize(&self.principal, &self.tenant, Permission::ReadStreams)
+            .await;
+        match (signed_in, authorized) {
+            (Ok(true), Ok(_)) => true,
+            // A store that is briefly unavailable does not cut viewers off; the next check decides.
+            (Err(nexus_core::CoreError::Unavailable(_)), _)
+            | (_, Err(nexus_core::CoreError::Unavailable(_))) => true,
+            _ => false,
+        }
+    }
 }
 
 struct StreamState {
     session: SessionStream,
     ping: Interval,
+    reauthorize: Interval,
+    recheck: Recheck,
     idle_deadline: Instant,
     timing: Timing,
     closing: CancellationToken,
@@ -135,13 +174,19 @@ struct StreamState {
 fn sse_events(
     session: SessionStream,
     timing: Timing,
+    recheck: Recheck,
     closing: CancellationToken,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let mut ping = tokio::time::interval_at(Instant::now() + timing.ping, timing.ping);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut reauthorize =
+        tokio::time::interval_at(Instant::now() + timing.reauthorize, timing.reauthorize);
+    reauthorize.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let state = StreamState {
         session,
         ping,
+        reauthorize,
+        recheck,
         idle_deadline: Instant::now() + timing.idle,
         timing,
         closing,
@@ -153,22 +198,31 @@ fn sse_events(
             return Some((Ok(Event::default().retry(st.timing.retry)), st));
         }
         // Ending the stream ends the response cleanly; the client resumes with Last-Event-ID.
-        let event = tokio::select! {
-            biased;
-            () = st.closing.cancelled() => return None,
-            item = st.session.next() => match item {
-                Ok(StreamItem::Snapshot { id, data }) => Event::default().id(id.to_string()).event("snapshot").data(&*data),
-                Ok(StreamItem::Event(e)) => Event::default().id(e.event_id.to_string()).event("report").data(&*e.data),
-                Err(end) => {
-                    tracing::debug!(?end, "stream ended by the hub");
+        let event = loop {
+            tokio::select! {
+                biased;
+                () = st.closing.cancelled() => return None,
+                _ = st.reauthorize.tick() => {
+                    if st.recheck.still_allowed().await {
+                        continue;
+                    }
+                    tracing::info!("stream closed: its viewer is no longer signed in or allowed");
                     return None;
                 }
-            },
-            _ = st.ping.tick() => {
-                let ts = chrono::Utc::now().timestamp_millis();
-                return Some((Ok(Event::default().event("ping").data(format!("{{\"ts\":{ts}}}"))), st));
+                item = st.session.next() => break match item {
+                    Ok(StreamItem::Snapshot { id, data }) => Event::default().id(id.to_string()).event("snapshot").data(&*data),
+                    Ok(StreamItem::Event(e)) => Event::default().id(e.event_id.to_string()).event("report").data(&*e.data),
+                    Err(end) => {
+                        tracing::debug!(?end, "stream ended by the hub");
+                        return None;
+                    }
+                },
+                _ = st.ping.tick() => {
+                    let ts = chrono::Utc::now().timestamp_millis();
+                    return Some((Ok(Event::default().event("ping").data(format!("{{\"ts\":{ts}}}"))), st));
+                }
+                () = tokio::time::sleep_until(st.idle_deadline) => return None,
             }
-            () = tokio::time::sleep_until(st.idle_deadline) => return None,
         };
         st.idle_deadline = Instant::now() + st.timing.idle;
         Some((Ok(event), st))

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use nexus_domain::{Permission, Role};
 use reqwest::Method;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::support::*;
 
@@ -1005,5 +1005,78 @@ async fn a_stream_ticket_opens_one_stream_once_for_its_session_only() {
     assert!(
         !server.log_text().contains("nxt_"),
         "tickets never reach the logs"
+    );
+}
+
+/// Authorization is checked when a stream opens and again every `--sse-reauthorize-interval`:
+/// a viewer removed from the organization, or signed out, stops receiving within that time.
+#[tokio::test]
+async fn an_open_stream_stops_when_its_user_is_removed() {
+    let server = TestServer::start_with(&["--sse-reauthorize-interval", "500ms"]).await;
+    let device = server.pair_device("pc").await;
+    let viewer = server.new_member(ORG, "leaver@nexus.test", "viewer").await;
+    let mut stream = SseClient::open(server.as_user(
+        &viewer.token,
+        Method::GET,
+        "/agent/reports/stream?session_id=s-open",
+    ))
+    .await;
+    stream.next_data(WAIT).await.expect("snapshot");
+    server
+        .push(&device, vec![report("s-open", "before-removal")])
+        .await;
+    let before = stream
+        .next_data(WAIT)
+        .await
+        .expect("delivered while a member");
+    assert_eq!(before.json()["meta"]["report_id"], "before-removal");
+    let r = server
+        .web(
+            Method::DELETE,
+            &format!("/orgs/{ORG}/members/{}", viewer.id),
+        )
+        .send()
+        .await
+        .expect("remove");
+    assert_eq!(r.status(), 204);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server
+        .push(&device, vec![report("s-open", "after-removal")])
+        .await;
+    let next = stream.next_data(Duration::from_secs(5)).await;
+    assert!(
+        next.is_none(),
+        "a removed user still receives: {:?}",
+        next.map(|e| e.data)
+    );
+}
+
+#[tokio::test]
+async fn an_open_stream_stops_when_its_user_signs_out() {
+    let server = TestServer::start_with(&["--sse-reauthorize-interval", "500ms"]).await;
+    let device = server.pair_device("pc").await;
+    let viewer = server.new_member(ORG, "quitter@nexus.test", "viewer").await;
+    let mut stream = SseClient::open(server.as_user(
+        &viewer.token,
+        Method::GET,
+        "/agent/reports/stream?session_id=s-out",
+    ))
+    .await;
+    stream.next_data(WAIT).await.expect("snapshot");
+    let r = server
+        .as_user(&viewer.token, Method::POST, "/auth/logout")
+        .send()
+        .await
+        .expect("logout");
+    assert_eq!(r.status(), 204);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server
+        .push(&device, vec![report("s-out", "after-logout")])
+        .await;
+    let next = stream.next_data(Duration::from_secs(5)).await;
+    assert!(
+        next.is_none(),
+        "a signed-out user still receives: {:?}",
+        next.map(|e| e.data)
     );
 }

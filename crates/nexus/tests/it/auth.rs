@@ -264,6 +264,39 @@ async fn repeated_failures_slow_down_real_and_unknown_accounts_alike() {
 }
 
 #[tokio::test]
+async fn concurrent_guesses_cannot_slip_past_the_backoff_together() {
+    let server = TestServer::start().await;
+    let user = server.new_member(ORG, "race@nexus.test", "viewer").await;
+    // 25 wrong passwords at once: only as many are checked as one after the other would be
+    // (five free failures and the sixth); the rest wait their turn and meet the backoff.
+    let attempts: Vec<_> = (0..25)
+        .map(|_| {
+            let (http, url, email) = (
+                server.http.clone(),
+                server.url("/auth/login"),
+                user.email.clone(),
+            );
+            tokio::spawn(async move {
+                let r = http
+                    .post(url)
+                    .json(&json!({"email": email, "password": "Wrong-password-1!"}))
+                    .send()
+                    .await
+                    .expect("login");
+                r.status().as_u16()
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for attempt in attempts {
+        statuses.push(attempt.await.expect("join"));
+    }
+    let checked = statuses.iter().filter(|s| **s == 401).count();
+    let throttled = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!((checked, throttled), (6, 19), "{statuses:?}");
+}
+
+#[tokio::test]
 async fn one_address_spraying_many_accounts_is_cut_off() {
     let server = TestServer::start().await;
     // Credential stuffing: few tries per account (never throttled per account), many accounts.
@@ -732,11 +765,30 @@ async fn totp_codes_work_once_and_recovery_codes_work_once() {
     assert!(uri.contains(&format!("secret={secret}")), "{uri}");
     assert!(uri.contains("issuer=NEXUS"), "{uri}");
     assert!(setup["qr_svg"].as_str().expect("svg").contains("<svg"));
-    // Set up but not enabled: sign-in does not ask for a code yet.
+    // Set up but not enabled: sign-in does not ask for a code yet, and a code sent anyway
+    // (checked by nobody) must not mark the session as two-factor.
     let (s, _) = server
         .login_response(&user.email, &user.password, None)
         .await;
     assert_eq!(s, 200);
+    let (s, unchecked) = server
+        .login_response(&user.email, &user.password, Some("123456"))
+        .await;
+    assert_eq!(s, 200, "{unchecked}");
+    assert_eq!(
+        jwt_parts(&access(&unchecked)).1["mfa"],
+        false,
+        "no second factor was verified"
+    );
+    let (_, sessions) = get_status(&server, &access(&unchecked), "/auth/sessions").await;
+    assert!(
+        sessions["sessions"]
+            .as_array()
+            .expect("sessions")
+            .iter()
+            .all(|s| s["mfa"] == false),
+        "{sessions}"
+    );
 
     let now = unix_now();
     let wrong = if totp_code(&secret, now) == "000000" {
@@ -899,6 +951,63 @@ async fn totp_codes_work_once_and_recovery_codes_work_once() {
     assert_no_secrets(&server.log_text(), &secrets, "logs");
 }
 
+#[tokio::test]
+async fn guessing_totp_codes_with_the_right_password_is_throttled() {
+    let server = TestServer::start().await;
+    let user = server.new_member(ORG, "gus@nexus.test", "viewer").await;
+    let (s, setup) = status_json(
+        server
+            .as_user(&user.token, Method::POST, "/auth/mfa/totp/setup")
+            .send()
+            .await
+            .expect("setup"),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let secret = setup["secret"].as_str().expect("secret").to_owned();
+    let (s, enabled) = status_json(
+        server
+            .as_user(&user.token, Method::POST, "/auth/mfa/totp/enable")
+            .json(&json!({"code": totp_code(&secret, unix_now())}))
+            .send()
+            .await
+            .expect("enable"),
+    )
+    .await;
+    assert_eq!(s, 200, "{enabled}");
+    // Codes that match no step of the current window (checked, so a lucky guess cannot pass).
+    let now = unix_now();
+    let window: Vec<String> = (0..4)
+        .map(|i| totp_code(&secret, now - 30 + i * 30))
+        .collect();
+    let guesses: Vec<String> = (0..100_000u32)
+        .map(|n| format!("{:06}", n * 7 + 13))
+        .filter(|g| !window.contains(g))
+        .take(6)
+        .collect();
+    for guess in &guesses {
+        let (s, b) = server
+            .login_response(&user.email, &user.password, Some(guess))
+            .await;
+        assert_problem(s, &b, 401, "invalid_mfa_code");
+    }
+    let (s, b, retry) = {
+        let r = server
+            .http
+            .post(server.url("/auth/login"))
+            .json(&json!({"email": user.email, "password": user.password, "totp_code": totp_code(&secret, unix_now() + 30)}))
+            .send()
+            .await
+            .expect("login");
+        let retry = r.headers().get("retry-after").cloned();
+        let (s, b) = status_json(r).await;
+        (s, b, retry)
+    };
+    assert_problem(s, &b, 429, "too_many_attempts");
+    assert!(retry.is_some(), "Retry-After");
+    assert_no_secrets(&server.log_text(), &[&secret, &user.password], "logs");
+}
+
 /// The only test that waits for the clock: access tokens expire (after `--access-token-ttl` plus
 /// the verifier's 30 s allowance for clock skew), and a key added by `nexus admin keys rotate`
 /// on a running server is picked up by its periodic reload (every 30 s) without logging anyone
@@ -1004,4 +1113,109 @@ async fn access_tokens_expire_and_rotated_keys_load_without_logging_anyone_out()
         200,
         "tokens of the previous key stay valid"
     );
+}
+
+/// Sends `n` copies of a request at once and returns their statuses.
+async fn race(n: usize, request: impl Fn() -> reqwest::RequestBuilder) -> Vec<u16> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let request = request();
+            tokio::spawn(async move { request.send().await.expect("send").status().as_u16() })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for task in tasks {
+        statuses.push(task.await.expect("join"));
+    }
+    statuses
+}
+
+#[tokio::test]
+async fn single_use_secrets_cannot_be_spent_twice_by_racing() {
+    let server = TestServer::start().await;
+    let user = server.new_member(ORG, "racer@nexus.test", "viewer").await;
+
+    // One refresh token, ten simultaneous refreshes: at most one new token pair exists.
+    let statuses = race(10, || {
+        server
+            .http
+            .post(server.url("/auth/refresh"))
+            .json(&json!({"refresh_token": user.refresh_token}))
+    })
+    .await;
+    assert!(
+        statuses.iter().filter(|s| **s == 200).count() <= 1,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 401),
+        "{statuses:?}"
+    );
+
+    // One stream ticket, ten simultaneous streams: at most one opens.
+    let (s, ticket) = status_json(
+        server
+            .web(Method::POST, "/auth/stream-ticket")
+            .json(&json!({"session_id": "s-race"}))
+            .send()
+            .await
+            .expect("ticket"),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let url = server.url(&format!(
+        "/agent/reports/stream?session_id=s-race&ticket={}",
+        ticket["ticket"].as_str().expect("ticket")
+    ));
+    let statuses = race(10, || server.http.get(&url)).await;
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        1,
+        "{statuses:?}"
+    );
+
+    // The losers presented a spent token: reuse detection ended the session, winner included.
+    let (s, body) = get_status(&server, &user.token, "/auth/me").await;
+    assert_problem(s, &body, 401, "session_ended");
+
+    // One TOTP code and one recovery code, each raced: each signs in at most once.
+    let token = server.login(&user.email, &user.password).await;
+    let (_, setup) = status_json(
+        server
+            .as_user(&token, Method::POST, "/auth/mfa/totp/setup")
+            .send()
+            .await
+            .expect("setup"),
+    )
+    .await;
+    let secret = setup["secret"].as_str().expect("secret").to_owned();
+    let (s, enabled) = status_json(
+        server
+            .as_user(&token, Method::POST, "/auth/mfa/totp/enable")
+            .json(&json!({"code": totp_code(&secret, unix_now())}))
+            .send()
+            .await
+            .expect("enable"),
+    )
+    .await;
+    assert_eq!(s, 200, "{enabled}");
+    let next = totp_code(&secret, unix_now() + 30);
+    let recovery = enabled["recovery_codes"][0]
+        .as_str()
+        .expect("code")
+        .to_owned();
+    for code in [next, recovery] {
+        let statuses = race(5, || {
+            server
+                .http
+                .post(server.url("/auth/login"))
+                .json(&json!({"email": user.email, "password": user.password, "totp_code": code}))
+        })
+        .await;
+        assert_eq!(
+            statuses.iter().filter(|s| **s == 200).count(),
+            1,
+            "{code}: {statuses:?}"
+        );
+    }
 }

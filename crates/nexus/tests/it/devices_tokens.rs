@@ -179,6 +179,34 @@ async fn the_preview_shows_what_the_device_said_and_code_guessing_is_throttled()
 }
 
 #[tokio::test]
+async fn concurrent_code_guesses_cannot_slip_past_the_limit_together() {
+    let server = TestServer::start().await;
+    let started = start_pairing(&server, json!({"device_name": "target"})).await;
+    let code = str_of(&started, "pairing_code").to_owned();
+    let guesses: Vec<String> = (0..20u32)
+        .map(|i| format!("{:03}-{:03}", 100 + i, 300 + i))
+        .filter(|g| *g != code)
+        .take(19)
+        .collect();
+    let attempts: Vec<_> = guesses
+        .iter()
+        .map(|guess| {
+            let request = server
+                .web(Method::POST, "/devices/pairing/preview")
+                .json(&json!({"pairing_code": guess}));
+            tokio::spawn(async move { request.send().await.expect("send").status().as_u16() })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for attempt in attempts {
+        statuses.push(attempt.await.expect("join"));
+    }
+    let checked = statuses.iter().filter(|s| **s == 404).count();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!((checked, refused), (5, 14), "{statuses:?}");
+}
+
+#[tokio::test]
 async fn device_tokens_rotate_and_a_reused_refresh_token_revokes_the_device() {
     let server = TestServer::start().await;
     let started = start_pairing(&server, json!({"device_name": "pc"})).await;
@@ -452,4 +480,42 @@ async fn devices_are_listed_renamed_and_deleted_with_immediate_revocation() {
         assert_eq!(entry["tenant_id"], "acme:web");
         assert_eq!(entry["result"], "success");
     }
+}
+
+#[tokio::test]
+async fn a_device_refresh_token_cannot_be_spent_twice_by_racing() {
+    let server = TestServer::start().await;
+    let device = server.pair_device("pc").await;
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let request = server
+                .http
+                .post(server.url("/devices/token/refresh"))
+                .json(&json!({"device_id": device.id, "refresh_token": device.refresh_token}));
+            tokio::spawn(async move {
+                let (s, body) = status_json(request.send().await.expect("send")).await;
+                (s, body["device_token"].as_str().map(str::to_owned))
+            })
+        })
+        .collect();
+    let mut issued = Vec::new();
+    let mut statuses = Vec::new();
+    for task in tasks {
+        let (s, token) = task.await.expect("join");
+        statuses.push(s);
+        issued.extend(token);
+    }
+    assert!(issued.len() <= 1, "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 401),
+        "{statuses:?}"
+    );
+    // Whatever won, at most one access token of the device works now.
+    let mut working = 0;
+    for token in issued.iter().chain(std::iter::once(&device.token)) {
+        if heartbeat(&server, &device.id, token).await.0 == 200 {
+            working += 1;
+        }
+    }
+    assert!(working <= 1, "{working} tokens work");
 }
