@@ -110,9 +110,10 @@ pub enum AckOutcome {
     Acked(CommandRecord),
     /// Already acked (or further) with this attempt: nothing changes (idempotent).
     AlreadyAcked(CommandRecord),
-    /// The ack names an older delivery than the current one.
+    /// The ack names an older delivery than the current one, or the delivery it names ended
+    /// without an ack (execution timed out): either way the device must not run the command.
     StaleAttempt(CommandRecord),
-    /// No such command for this device (or not delivered yet).
+    /// No such command for this device, not delivered yet, or an attempt that has not happened.
     NotFound,
 }
 
@@ -432,7 +433,9 @@ pub trait Store: Send + Sync + 'static {
     /// Stores a proposed command, atomically with its approval (RED, or YELLOW when approval is
     /// required) or its queue entry (`queue`, when it runs without approval) and `audit`.
     /// Idempotent on (tenant, command id): if the id exists, nothing is written and the existing
-    /// record is returned as `Existing` (the caller compares `request_hash`).
+    /// record is returned as `Existing` (the caller compares `request_hash`). Command ids are
+    /// unique per tenant, not across tenants. `queue` is only for a `queued` record (and must name
+    /// it), `approval` only for a `pending_approval` one (pending); anything else is `Unexpected`.
     async fn create_command(
         &self,
         record: &CommandRecord,
@@ -463,7 +466,9 @@ pub trait Store: Send + Sync + 'static {
     /// `at < expires_at`, moving its command from `pending_approval` to `queued` (inserting
     /// `queue` into the device's queue, with `deadline`) or to `denied`, and writing `audit`, all
     /// in one transaction. Exactly one of any number of concurrent callers gets `Some`; the
-    /// others get `None` (and write nothing).
+    /// others get `None` (and write nothing). Also `None` if the command is no longer
+    /// `pending_approval`. `decision` must be `Approved` or `Denied`; `queue` and `deadline` are
+    /// ignored for a denial.
     #[allow(clippy::too_many_arguments)]
     async fn decide_approval(
         &self,
@@ -483,7 +488,10 @@ pub trait Store: Send + Sync + 'static {
         now: Millis,
         limit: u32,
     ) -> StoreResult<Vec<(TenantId, ApprovalId)>>;
-    /// `pending` → `expired` with its command → `expired`, if still pending and due at `now`.
+    /// `pending` → `expired` with its command → `expired`, if still pending and due at `now`
+    /// (`decided_at` becomes `now`). Conditional like a decision: of an expiry and a decision
+    /// racing for one approval exactly one wins. (A command that already left
+    /// `pending_approval` another way is returned as it is.)
     async fn expire_approval(
         &self,
         tenant: &TenantId,
@@ -494,7 +502,10 @@ pub trait Store: Send + Sync + 'static {
     /// Compare-and-set of a command's status: from any of `from` to `to`, applying `change`
     /// and writing `audit`. A command that leaves the runnable states (cancelled, timed out,
     /// finished) is taken out of its device's queue so it is never delivered again. `None` if its
-    /// status was not one of `from` (nothing written).
+    /// status was not one of `from` (nothing written). A move to `delivery_timed_out` or
+    /// `execution_timed_out` also needs the command's deadline to be `<= at`, so a sweeper that
+    /// read a deadline before the device pulled again cannot time out the new delivery. A move
+    /// that [`CommandStatus::can_become`] forbids from any of `from` is `Unexpected`.
     #[allow(clippy::too_many_arguments)]
     async fn transition_command(
         &self,
@@ -517,7 +528,8 @@ pub trait Store: Send + Sync + 'static {
     /// with queue position `> after`, oldest first, at most `limit`. In the same transaction each
     /// becomes `delivered`, its `attempt` counts up and its deadline becomes
     /// `execution_deadline`. Queue entries without a command record (none are written any more)
-    /// are skipped.
+    /// are skipped. A cancel or ack racing a delivery either happens before it (and the command
+    /// is not delivered) or finds the command delivered.
     async fn deliver_commands(
         &self,
         tenant: &TenantId,
