@@ -8,6 +8,7 @@
 //! pool and never wait for the writer (WAL readers see the last committed state).
 
 mod audit;
+mod commands;
 mod identity;
 mod rows;
 mod writer;
@@ -19,8 +20,11 @@ use std::time::Duration;
 use anyhow::Context;
 use async_trait::async_trait;
 use futures_util::FutureExt;
+use nexus_domain::approval::{
+    Approval, ApprovalId, ApprovalStatus, CommandPolicySettings, CommandRecord, CommandStatus,
+};
 use nexus_domain::audit::{AuditEntry, AuditRecord, AuditScope};
-use nexus_domain::command::NewCommand;
+use nexus_domain::command::DeviceCommand;
 use nexus_domain::identity::{AuthSession, AuthSessionId, StreamTicket, TotpState};
 use nexus_domain::report::ValidatedReport;
 use nexus_domain::secret::SecretHash;
@@ -30,16 +34,16 @@ use nexus_domain::{
     PairingId, Project, Role, SessionId, TenantId, User, UserId,
 };
 use nexus_store::{
-    AppendedEvent, AuditPage, AuditQuery, DeviceCredential, DeviceTokenHashes, Heartbeat,
-    NewDevice, QueuedCommand, RefreshOutcome, Store, StoreError, StoreResult, StoredEvent,
+    AckOutcome, AppendedEvent, AuditPage, AuditQuery, CommandChange, CommandQuery, Created,
+    Delivery, DeviceCredential, DeviceTokenHashes, Heartbeat, NewDevice, RefreshOutcome, Store,
+    StoreError, StoreResult, StoredEvent,
 };
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions, Row, SqlitePool};
 
 use crate::audit::write_audit;
 use crate::rows::{
-    credential_from_row, device_from_row, event_from_row, pairing_from_row,
-    queued_command_from_row, unexpected,
+    credential_from_row, device_from_row, event_from_row, pairing_from_row, unexpected,
 };
 use crate::writer::Writer;
 
@@ -493,85 +497,6 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn enqueue_command(
-        &self,
-        command: &NewCommand,
-        now: Millis,
-    ) -> StoreResult<QueuedCommand> {
-        let c = command.clone();
-        self.writer
-            .write(move |conn| {
-                async move {
-                    let body = serde_json::to_string(&c.command).map_err(|e| StoreError::Unexpected(e.into()))?;
-                    let row = sqlx::query(
-                        "INSERT INTO commands (tenant, device_id, id, body, created_at) VALUES (?, ?, ?, ?, ?) RETURNING seq",
-                    )
-                    .bind(tenant_key(&c.tenant))
-                    .bind(c.device_id.as_str())
-                    .bind(c.id.as_str())
-                    .bind(body)
-                    .bind(now)
-                    .fetch_one(&mut *conn)
-                    .await
-                    .map_err(unexpected)?;
-                    Ok(QueuedCommand {
-                        seq: row.try_get("seq").map_err(unexpected)?,
-                        command: c.command,
-                    })
-                }
-                .boxed()
-            })
-            .await
-    }
-
-    async fn pending_commands(
-        &self,
-        tenant: &TenantId,
-        device: &DeviceId,
-        after: i64,
-        limit: u32,
-    ) -> StoreResult<Vec<QueuedCommand>> {
-        let rows = sqlx::query(
-            "SELECT seq, body FROM commands WHERE tenant = ? AND device_id = ? AND seq > ? AND acked_at IS NULL ORDER BY seq LIMIT ?",
-        )
-        .bind(tenant_key(tenant))
-        .bind(device.as_str())
-        .bind(after)
-        .bind(i64::from(limit))
-        .fetch_all(&self.read)
-        .await
-        .map_err(unexpected)?;
-        rows.iter().map(queued_command_from_row).collect()
-    }
-
-    async fn ack_command(
-        &self,
-        tenant: &TenantId,
-        device: &DeviceId,
-        command: &CommandId,
-        at: Millis,
-    ) -> StoreResult<bool> {
-        let (tenant, device, command) = (tenant_key(tenant), device.clone(), command.clone());
-        self.writer
-            .write(move |conn| {
-                async move {
-                    let done = sqlx::query(
-                        "UPDATE commands SET acked_at = COALESCE(acked_at, ?) WHERE tenant = ? AND device_id = ? AND id = ?",
-                    )
-                    .bind(at)
-                    .bind(tenant)
-                    .bind(device.as_str())
-                    .bind(command.as_str())
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(unexpected)?;
-                    Ok(done.rows_affected() == 1)
-                }
-                .boxed()
-            })
-            .await
-    }
-
     async fn append_reports(
         &self,
         tenant: &TenantId,
@@ -830,6 +755,162 @@ impl Store for SqliteStore {
         now: Millis,
     ) -> StoreResult<Option<StreamTicket>> {
         identity::take_stream_ticket(self, ticket_hash, now).await
+    }
+
+    // --- commands and approvals ----------------------------------------------------------------
+    async fn create_command(
+        &self,
+        record: &CommandRecord,
+        approval: Option<&Approval>,
+        queue: Option<&DeviceCommand>,
+        audit: &[AuditRecord],
+    ) -> StoreResult<Created<CommandRecord>> {
+        commands::create_command(self, record, approval, queue, audit).await
+    }
+
+    async fn command(
+        &self,
+        tenant: &TenantId,
+        id: &CommandId,
+    ) -> StoreResult<Option<CommandRecord>> {
+        commands::command(self, tenant, id).await
+    }
+
+    async fn list_commands(
+        &self,
+        tenant: &TenantId,
+        query: &CommandQuery,
+    ) -> StoreResult<(Vec<CommandRecord>, Option<i64>)> {
+        commands::list_commands(self, tenant, query).await
+    }
+
+    async fn approval(&self, tenant: &TenantId, id: &ApprovalId) -> StoreResult<Option<Approval>> {
+        commands::approval(self, tenant, id).await
+    }
+
+    async fn list_approvals(
+        &self,
+        tenant: &TenantId,
+        status: Option<ApprovalStatus>,
+        limit: u32,
+    ) -> StoreResult<Vec<Approval>> {
+        commands::list_approvals(self, tenant, status, limit).await
+    }
+
+    async fn decide_approval(
+        &self,
+        tenant: &TenantId,
+        id: &ApprovalId,
+        decision: ApprovalStatus,
+        by: &UserId,
+        at: Millis,
+        reason: Option<&str>,
+        queue: Option<&DeviceCommand>,
+        deadline: Option<Millis>,
+        audit: &[AuditRecord],
+    ) -> StoreResult<Option<(Approval, CommandRecord)>> {
+        let decision = commands::Decision {
+            tenant: tenant.clone(),
+            id: id.clone(),
+            decision,
+            by: by.clone(),
+            at,
+            reason: reason.map(str::to_owned),
+            queue: queue.cloned(),
+            deadline,
+            audit: audit.to_vec(),
+        };
+        commands::decide_approval(self, decision).await
+    }
+
+    async fn due_approvals(
+        &self,
+        now: Millis,
+        limit: u32,
+    ) -> StoreResult<Vec<(TenantId, ApprovalId)>> {
+        commands::due_approvals(self, now, limit).await
+    }
+
+    async fn expire_approval(
+        &self,
+        tenant: &TenantId,
+        id: &ApprovalId,
+        now: Millis,
+        audit: &[AuditRecord],
+    ) -> StoreResult<Option<(Approval, CommandRecord)>> {
+        commands::expire_approval(self, tenant, id, now, audit).await
+    }
+
+    async fn transition_command(
+        &self,
+        tenant: &TenantId,
+        id: &CommandId,
+        from: &[CommandStatus],
+        to: CommandStatus,
+        at: Millis,
+        change: &CommandChange,
+        audit: &[AuditRecord],
+    ) -> StoreResult<Option<CommandRecord>> {
+        let transition = commands::Transition {
+            tenant: tenant.clone(),
+            id: id.clone(),
+            from: from.to_vec(),
+            to,
+            at,
+            change: change.clone(),
+            audit: audit.to_vec(),
+        };
+        commands::transition_command(self, transition).await
+    }
+
+    async fn due_commands(
+        &self,
+        now: Millis,
+        limit: u32,
+    ) -> StoreResult<Vec<(TenantId, CommandId, CommandStatus)>> {
+        commands::due_commands(self, now, limit).await
+    }
+
+    async fn deliver_commands(
+        &self,
+        tenant: &TenantId,
+        device: &DeviceId,
+        after: i64,
+        limit: u32,
+        now: Millis,
+        execution_deadline: Millis,
+    ) -> StoreResult<Vec<Delivery>> {
+        commands::deliver_commands(self, tenant, device, after, limit, now, execution_deadline)
+            .await
+    }
+
+    async fn ack_delivery(
+        &self,
+        tenant: &TenantId,
+        device: &DeviceId,
+        command: &CommandId,
+        attempt: u32,
+        at: Millis,
+        audit: &[AuditRecord],
+    ) -> StoreResult<AckOutcome> {
+        commands::ack_delivery(self, tenant, device, command, attempt, at, audit).await
+    }
+
+    async fn command_policy(
+        &self,
+        tenant: &TenantId,
+    ) -> StoreResult<Option<CommandPolicySettings>> {
+        commands::command_policy(self, tenant).await
+    }
+
+    async fn put_command_policy(
+        &self,
+        tenant: &TenantId,
+        policy: &CommandPolicySettings,
+        at: Millis,
+        audit: &[AuditRecord],
+    ) -> StoreResult<()> {
+        commands::put_command_policy(self, tenant, policy, at, audit).await
     }
 
     // --- audit -----------------------------------------------------------------------------
