@@ -4,7 +4,8 @@
 //! has row-level security keyed on the `nexus.tenant` setting, and every tenant-scoped method runs in
 //! a transaction opened by [`PostgresStore::tenant_tx`], which sets it with SET LOCAL semantics. The
 //! few lookups that happen before a tenant is known go through narrow SECURITY DEFINER functions
-//! (see `migrations/0001_core.sql` for why). The audit trail is under row-level security by scope
+//! (see `migrations/0001_core.sql` for why), and so do the command sweeper's cross-tenant reads of
+//! due approvals and commands, which answer keys only (`migrations/0003_commands.sql`). The audit trail is under row-level security by scope
 //! (tenant, organization or system), and the application may only read and append to it; identity
 //! tables (users, orgs, login sessions) are control-plane data without row-level security (see
 //! `migrations/0002_identity.sql`). The application connects as a role that cannot bypass
@@ -27,6 +28,7 @@
 mod append;
 mod audit;
 mod batch;
+mod commands;
 mod identity;
 mod rows;
 mod schema;
@@ -37,8 +39,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use async_trait::async_trait;
+use nexus_domain::approval::{
+    Approval, ApprovalId, ApprovalStatus, CommandPolicySettings, CommandRecord, CommandStatus,
+};
 use nexus_domain::audit::{AuditEntry, AuditRecord, AuditScope};
-use nexus_domain::command::NewCommand;
+use nexus_domain::command::DeviceCommand;
 use nexus_domain::identity::{AuthSession, AuthSessionId, StreamTicket, TotpState};
 use nexus_domain::report::ValidatedReport;
 use nexus_domain::secret::SecretHash;
@@ -48,16 +53,16 @@ use nexus_domain::{
     PairingId, PairingState, Project, Role, SessionId, TenantId, User, UserId,
 };
 use nexus_store::{
-    AppendedEvent, AuditPage, AuditQuery, DeviceCredential, DeviceTokenHashes, Heartbeat,
-    NewDevice, QueuedCommand, RefreshOutcome, Store, StoreError, StoreResult, StoredEvent,
+    AckOutcome, AppendedEvent, AuditPage, AuditQuery, CommandChange, CommandQuery, Created,
+    Delivery, DeviceCredential, DeviceTokenHashes, Heartbeat, NewDevice, RefreshOutcome, Store,
+    StoreError, StoreResult, StoredEvent,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection as _, PgPool, Postgres, Row, Transaction};
 
 use crate::audit::write_audit;
 use crate::rows::{
-    credential_from_row, device_from_row, event_from_row, pairing_from_row,
-    queued_command_from_row, unexpected, write_error,
+    credential_from_row, device_from_row, event_from_row, pairing_from_row, unexpected, write_error,
 };
 pub use crate::schema::{APPEND_ONLY_TABLES, DEFAULT_APP_ROLE, MigrateOptions, SchemaError};
 
@@ -644,102 +649,6 @@ impl Store for PostgresStore {
         .await
     }
 
-    async fn enqueue_command(
-        &self,
-        command: &NewCommand,
-        now: Millis,
-    ) -> StoreResult<QueuedCommand> {
-        self.bounded(async {
-            let c = command;
-            let mut tx = self.tenant_tx(&c.tenant).await?;
-            // The queue's counter row is locked until COMMIT, so one device's commands commit in
-            // seq order and a puller's cursor never skips one (see `command_queues` in the migration).
-            let row = sqlx::query(
-                "INSERT INTO command_queues (tenant, device_id, last_seq) VALUES ($1, $2, 1)
-                 ON CONFLICT (tenant, device_id) DO UPDATE SET last_seq = command_queues.last_seq + 1
-                 RETURNING last_seq",
-            )
-            .bind(tenant_key(&c.tenant))
-            .bind(c.device_id.as_str())
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(unexpected)?;
-            let seq: i64 = row.try_get("last_seq").map_err(unexpected)?;
-            sqlx::query(
-                "INSERT INTO commands (tenant, device_id, seq, id, body, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .bind(tenant_key(&c.tenant))
-            .bind(c.device_id.as_str())
-            .bind(seq)
-            .bind(c.id.as_str())
-            .bind(json_text(&c.command)?)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(unexpected)?;
-            tx.commit().await.map_err(unexpected)?;
-            Ok(QueuedCommand {
-                seq,
-                command: c.command.clone(),
-            })
-        })
-        .await
-    }
-
-    async fn pending_commands(
-        &self,
-        tenant: &TenantId,
-        device: &DeviceId,
-        after: i64,
-        limit: u32,
-    ) -> StoreResult<Vec<QueuedCommand>> {
-        self.bounded(async {
-            let mut tx = self.tenant_tx(tenant).await?;
-            let rows = sqlx::query(
-                "SELECT seq, body FROM commands
-                 WHERE tenant = $1 AND device_id = $2 AND seq > $3 AND acked_at IS NULL
-                 ORDER BY seq LIMIT $4",
-            )
-            .bind(tenant_key(tenant))
-            .bind(device.as_str())
-            .bind(after)
-            .bind(i64::from(limit))
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(unexpected)?;
-            tx.commit().await.map_err(unexpected)?;
-            rows.iter().map(queued_command_from_row).collect()
-        })
-        .await
-    }
-
-    async fn ack_command(
-        &self,
-        tenant: &TenantId,
-        device: &DeviceId,
-        command: &CommandId,
-        at: Millis,
-    ) -> StoreResult<bool> {
-        self.bounded(async {
-            let mut tx = self.tenant_tx(tenant).await?;
-            let done = sqlx::query(
-                "UPDATE commands SET acked_at = COALESCE(acked_at, $1)
-                 WHERE tenant = $2 AND device_id = $3 AND id = $4",
-            )
-            .bind(at)
-            .bind(tenant_key(tenant))
-            .bind(device.as_str())
-            .bind(command.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(unexpected)?;
-            tx.commit().await.map_err(unexpected)?;
-            Ok(done.rows_affected() == 1)
-        })
-        .await
-    }
-
     async fn append_reports(
         &self,
         tenant: &TenantId,
@@ -1066,6 +975,185 @@ impl Store for PostgresStore {
     ) -> StoreResult<Option<StreamTicket>> {
         self.bounded(identity::take_stream_ticket(self, ticket_hash, now))
             .await
+    }
+
+    // --- commands and approvals ----------------------------------------------------------------
+    async fn create_command(
+        &self,
+        record: &CommandRecord,
+        approval: Option<&Approval>,
+        queue: Option<&DeviceCommand>,
+        audit: &[AuditRecord],
+    ) -> StoreResult<Created<CommandRecord>> {
+        self.bounded(commands::create_command(
+            self, record, approval, queue, audit,
+        ))
+        .await
+    }
+
+    async fn command(
+        &self,
+        tenant: &TenantId,
+        id: &CommandId,
+    ) -> StoreResult<Option<CommandRecord>> {
+        self.bounded(commands::command(self, tenant, id)).await
+    }
+
+    async fn list_commands(
+        &self,
+        tenant: &TenantId,
+        query: &CommandQuery,
+    ) -> StoreResult<(Vec<CommandRecord>, Option<i64>)> {
+        self.bounded(commands::list_commands(self, tenant, query))
+            .await
+    }
+
+    async fn approval(&self, tenant: &TenantId, id: &ApprovalId) -> StoreResult<Option<Approval>> {
+        self.bounded(commands::approval(self, tenant, id)).await
+    }
+
+    async fn list_approvals(
+        &self,
+        tenant: &TenantId,
+        status: Option<ApprovalStatus>,
+        limit: u32,
+    ) -> StoreResult<Vec<Approval>> {
+        self.bounded(commands::list_approvals(self, tenant, status, limit))
+            .await
+    }
+
+    async fn decide_approval(
+        &self,
+        tenant: &TenantId,
+        id: &ApprovalId,
+        decision: ApprovalStatus,
+        by: &UserId,
+        at: Millis,
+        reason: Option<&str>,
+        queue: Option<&DeviceCommand>,
+        deadline: Option<Millis>,
+        audit: &[AuditRecord],
+    ) -> StoreResult<Option<(Approval, CommandRecord)>> {
+        let decision = commands::Decision {
+            tenant,
+            id,
+            decision,
+            by,
+            at,
+            reason,
+            queue,
+            deadline,
+            audit,
+        };
+        self.bounded(commands::decide_approval(self, decision))
+            .await
+    }
+
+    async fn due_approvals(
+        &self,
+        now: Millis,
+        limit: u32,
+    ) -> StoreResult<Vec<(TenantId, ApprovalId)>> {
+        self.bounded(commands::due_approvals(self, now, limit))
+            .await
+    }
+
+    async fn expire_approval(
+        &self,
+        tenant: &TenantId,
+        id: &ApprovalId,
+        now: Millis,
+        audit: &[AuditRecord],
+    ) -> StoreResult<Option<(Approval, CommandRecord)>> {
+        self.bounded(commands::expire_approval(self, tenant, id, now, audit))
+            .await
+    }
+
+    async fn transition_command(
+        &self,
+        tenant: &TenantId,
+        id: &CommandId,
+        from: &[CommandStatus],
+        to: CommandStatus,
+        at: Millis,
+        change: &CommandChange,
+        audit: &[AuditRecord],
+    ) -> StoreResult<Option<CommandRecord>> {
+        let transition = commands::Transition {
+            tenant,
+            id,
+            from,
+            to,
+            at,
+            change,
+            audit,
+        };
+        self.bounded(commands::transition_command(self, transition))
+            .await
+    }
+
+    async fn due_commands(
+        &self,
+        now: Millis,
+        limit: u32,
+    ) -> StoreResult<Vec<(TenantId, CommandId, CommandStatus)>> {
+        self.bounded(commands::due_commands(self, now, limit)).await
+    }
+
+    async fn deliver_commands(
+        &self,
+        tenant: &TenantId,
+        device: &DeviceId,
+        after: i64,
+        limit: u32,
+        now: Millis,
+        execution_deadline: Millis,
+    ) -> StoreResult<Vec<Delivery>> {
+        self.bounded(commands::deliver_commands(
+            self,
+            tenant,
+            device,
+            after,
+            limit,
+            now,
+            execution_deadline,
+        ))
+        .await
+    }
+
+    async fn ack_delivery(
+        &self,
+        tenant: &TenantId,
+        device: &DeviceId,
+        command: &CommandId,
+        attempt: u32,
+        at: Millis,
+        audit: &[AuditRecord],
+    ) -> StoreResult<AckOutcome> {
+        self.bounded(commands::ack_delivery(
+            self, tenant, device, command, attempt, at, audit,
+        ))
+        .await
+    }
+
+    async fn command_policy(
+        &self,
+        tenant: &TenantId,
+    ) -> StoreResult<Option<CommandPolicySettings>> {
+        self.bounded(commands::command_policy(self, tenant)).await
+    }
+
+    async fn put_command_policy(
+        &self,
+        tenant: &TenantId,
+        policy: &CommandPolicySettings,
+        at: Millis,
+        audit: &[AuditRecord],
+    ) -> StoreResult<()> {
+        self.bounded(commands::put_command_policy(
+            self, tenant, policy, at, audit,
+        ))
+        .await
     }
 
     // --- audit -----------------------------------------------------------------------------

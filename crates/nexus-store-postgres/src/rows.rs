@@ -3,17 +3,21 @@
 
 use std::sync::Arc;
 
+use nexus_domain::CommandId;
+use nexus_domain::approval::{Approval, ApprovalId, ApprovalStatus, CommandRecord, CommandStatus};
 use nexus_domain::audit::{
     Actor, ActorType, AuditEntry, AuditRecord, AuditResult, AuditScope, AuditTarget,
 };
+use nexus_domain::command::{DeviceCommand, Risk};
 use nexus_domain::identity::{StreamTicket, TotpState};
 use nexus_domain::secret::SecretHash;
+use nexus_domain::time::Millis;
 use nexus_domain::{
     AuthSession, AuthSessionId, Device, DeviceId, Email, Membership, Org, OrgId, Pairing,
     PairingCode, PairingId, PairingState, Project, ProjectId, Role, SessionId, TenantId, User,
     UserId,
 };
-use nexus_store::{DeviceCredential, QueuedCommand, StoreError, StoredEvent};
+use nexus_store::{DeviceCredential, StoreError, StoredEvent};
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 
@@ -111,12 +115,94 @@ pub(crate) fn event_from_row(r: &PgRow) -> Result<StoredEvent, StoreError> {
     })
 }
 
-pub(crate) fn queued_command_from_row(r: &PgRow) -> Result<QueuedCommand, StoreError> {
-    let body: String = r.try_get("body").map_err(unexpected)?;
-    Ok(QueuedCommand {
-        seq: r.try_get("seq").map_err(unexpected)?,
-        command: serde_json::from_str(&body).map_err(|e| corrupt("command", e))?,
+pub(crate) fn risk_str(risk: Risk) -> &'static str {
+    match risk {
+        Risk::Green => "GREEN",
+        Risk::Yellow => "YELLOW",
+        Risk::Red => "RED",
+    }
+}
+
+fn risk(raw: &str) -> Result<Risk, StoreError> {
+    match raw {
+        "GREEN" => Ok(Risk::Green),
+        "YELLOW" => Ok(Risk::Yellow),
+        "RED" => Ok(Risk::Red),
+        other => Err(corrupt("risk", other)),
+    }
+}
+
+fn json_column(r: &PgRow, column: &str) -> Result<Option<serde_json::Value>, StoreError> {
+    let raw: Option<String> = r.try_get(column).map_err(unexpected)?;
+    raw.map(|text| serde_json::from_str(&text).map_err(|e| corrupt(column, e)))
+        .transpose()
+}
+
+pub(crate) fn command_status(raw: &str) -> Result<CommandStatus, StoreError> {
+    CommandStatus::parse(raw).ok_or_else(|| corrupt("command status", raw))
+}
+
+pub(crate) fn command_record_from_row(r: &PgRow) -> Result<CommandRecord, StoreError> {
+    let tenant_raw: String = r.try_get("tenant").map_err(unexpected)?;
+    let risk_raw: String = r.try_get("risk").map_err(unexpected)?;
+    let status_raw: String = r.try_get("status").map_err(unexpected)?;
+    let approval_id: Option<String> = r.try_get("approval_id").map_err(unexpected)?;
+    let replaces: Option<String> = r.try_get("replaces").map_err(unexpected)?;
+    let attempt: i32 = r.try_get("attempt").map_err(unexpected)?;
+    let deadline: Option<Millis> = r.try_get("deadline").map_err(unexpected)?;
+    Ok(CommandRecord {
+        id: CommandId::from_trusted(r.try_get("id").map_err(unexpected)?),
+        tenant: tenant(&tenant_raw)?,
+        device_id: DeviceId::from_trusted(r.try_get("device_id").map_err(unexpected)?),
+        command_type: r.try_get("type").map_err(unexpected)?,
+        params: json_column(r, "params")?.unwrap_or(serde_json::Value::Null),
+        risk: risk(&risk_raw)?,
+        status: command_status(&status_raw)?,
+        session_id: SessionId::from_trusted(r.try_get("session_id").map_err(unexpected)?),
+        correlation_id: r.try_get("correlation_id").map_err(unexpected)?,
+        requested_by: UserId::from_trusted(r.try_get("requested_by").map_err(unexpected)?),
+        requested_at: r.try_get("requested_at").map_err(unexpected)?,
+        request_hash: r.try_get("request_hash").map_err(unexpected)?,
+        approval_id: approval_id.map(ApprovalId::from_trusted),
+        replaces: replaces.map(CommandId::from_trusted),
+        attempt: u32::try_from(attempt).map_err(|e| corrupt("attempt", e))?,
+        updated_at: r.try_get("updated_at").map_err(unexpected)?,
+        deadline,
+        result: json_column(r, "result")?,
     })
+}
+
+pub(crate) fn approval_from_row(r: &PgRow) -> Result<Approval, StoreError> {
+    let tenant_raw: String = r.try_get("tenant").map_err(unexpected)?;
+    let risk_raw: String = r.try_get("risk").map_err(unexpected)?;
+    let status_raw: String = r.try_get("status").map_err(unexpected)?;
+    let decided_by: Option<String> = r.try_get("decided_by").map_err(unexpected)?;
+    Ok(Approval {
+        id: ApprovalId::from_trusted(r.try_get("id").map_err(unexpected)?),
+        tenant: tenant(&tenant_raw)?,
+        command_id: CommandId::from_trusted(r.try_get("command_id").map_err(unexpected)?),
+        device_id: DeviceId::from_trusted(r.try_get("device_id").map_err(unexpected)?),
+        command_type: r.try_get("type").map_err(unexpected)?,
+        risk: risk(&risk_raw)?,
+        summary: r.try_get("summary").map_err(unexpected)?,
+        requested_by: UserId::from_trusted(r.try_get("requested_by").map_err(unexpected)?),
+        requested_at: r.try_get("requested_at").map_err(unexpected)?,
+        expires_at: r.try_get("expires_at").map_err(unexpected)?,
+        status: ApprovalStatus::parse(&status_raw)
+            .ok_or_else(|| corrupt("approval status", &status_raw))?,
+        decided_by: decided_by.map(UserId::from_trusted),
+        decided_at: r.try_get("decided_at").map_err(unexpected)?,
+        reason: r.try_get("reason").map_err(unexpected)?,
+    })
+}
+
+/// A queued body as the device receives it.
+pub(crate) fn queued_body(raw: &str) -> Result<DeviceCommand, StoreError> {
+    serde_json::from_str(raw).map_err(|e| corrupt("queued command", e))
+}
+
+pub(crate) fn tenant_from(raw: &str) -> Result<TenantId, StoreError> {
+    tenant(raw)
 }
 
 /// Maps a failed write: uniqueness and foreign-key violations are the caller's `Conflict`.

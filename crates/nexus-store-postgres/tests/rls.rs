@@ -5,17 +5,22 @@
 mod common;
 
 use common::TestDb;
-use nexus_domain::command::{ClientContext, CommandPolicy, DeviceCommand, NewCommand, Risk};
+use nexus_domain::approval::{
+    Approval, ApprovalId, ApprovalStatus, CommandPolicySettings, CommandRecord, CommandStatus,
+};
+use nexus_domain::command::{ClientContext, CommandPolicy, DeviceCommand, Risk};
 use nexus_domain::report::ValidatedReport;
 use nexus_domain::secret::SecretHash;
 use nexus_domain::time::now_millis;
-use nexus_domain::{CommandId, DeviceId, Pairing, PairingCode, PairingId, PairingState, TenantId};
-use nexus_store::{DeviceTokenHashes, NewDevice, Store};
+use nexus_domain::{
+    CommandId, DeviceId, Pairing, PairingCode, PairingId, PairingState, SessionId, TenantId, UserId,
+};
+use nexus_store::{Created, DeviceTokenHashes, NewDevice, Store};
 use nexus_store_postgres::{PostgresConfig, PostgresStore};
 use sqlx::{Connection, PgConnection};
 
 /// Every table the application can reach that holds tenant data.
-const TENANT_TABLES: [&str; 8] = [
+const TENANT_TABLES: [&str; 11] = [
     "pairings",
     "devices",
     "device_tokens",
@@ -24,6 +29,9 @@ const TENANT_TABLES: [&str; 8] = [
     "sessions",
     "events",
     "session_devices",
+    "command_records",
+    "approvals",
+    "command_policies",
 ];
 
 /// The audit trail: keyed by scope (`org:project`, `org:*`, `*`) instead of tenant, under forced
@@ -101,27 +109,84 @@ async fn populate(
             .await
             .unwrap()
     );
-    for _ in 0..commands {
-        let id = CommandId::generate();
-        let command = NewCommand {
-            id: id.clone(),
+    // `commands` runnable commands (queued) and one waiting for approval (already due to expire).
+    for i in 0..=commands {
+        let needs_approval = i == commands;
+        let now = now_millis();
+        let record = CommandRecord {
+            id: CommandId::generate(),
             tenant: tenant.clone(),
             device_id: device.clone(),
-            command: DeviceCommand {
-                command_id: id,
-                command_type: "fs.read".into(),
-                params: serde_json::json!({}),
-                context: serde_json::Value::Null,
-                client_context: ClientContext::default(),
-                policy: CommandPolicy {
-                    risk: Risk::Green,
-                    approval_id: None,
-                },
-                created_at: "2026-01-01T00:00:00.000Z".into(),
+            command_type: if needs_approval {
+                "shell.exec"
+            } else {
+                "fs.read"
+            }
+            .into(),
+            params: serde_json::json!({}),
+            risk: if needs_approval {
+                Risk::Red
+            } else {
+                Risk::Green
             },
+            status: if needs_approval {
+                CommandStatus::PendingApproval
+            } else {
+                CommandStatus::Queued
+            },
+            session_id: SessionId::from_trusted(format!("device:{device}")),
+            correlation_id: "c".into(),
+            requested_by: UserId::from_trusted("usr_a".into()),
+            requested_at: now,
+            request_hash: "h".into(),
+            approval_id: needs_approval.then(ApprovalId::generate),
+            replaces: None,
+            attempt: 0,
+            updated_at: now,
+            deadline: (!needs_approval).then_some(now + 60_000),
+            result: None,
         };
-        store.enqueue_command(&command, now_millis()).await.unwrap();
+        let approval = record.approval_id.clone().map(|id| Approval {
+            id,
+            tenant: tenant.clone(),
+            command_id: record.id.clone(),
+            device_id: device.clone(),
+            command_type: record.command_type.clone(),
+            risk: record.risk,
+            summary: "shell.exec".into(),
+            requested_by: record.requested_by.clone(),
+            requested_at: now,
+            expires_at: now - 1,
+            status: ApprovalStatus::Pending,
+            decided_by: None,
+            decided_at: None,
+            reason: None,
+        });
+        let queue = (!needs_approval).then(|| DeviceCommand {
+            command_id: record.id.clone(),
+            command_type: record.command_type.clone(),
+            params: serde_json::json!({}),
+            context: serde_json::Value::Null,
+            client_context: ClientContext::default(),
+            policy: CommandPolicy {
+                risk: Risk::Green,
+                approval_id: None,
+            },
+            created_at: "2026-01-01T00:00:00.000Z".into(),
+            attempt: 0,
+            run_before: None,
+            approval: None,
+        });
+        let created = store
+            .create_command(&record, approval.as_ref(), queue.as_ref(), &[])
+            .await
+            .unwrap();
+        assert!(matches!(created, Created::New(_)));
     }
+    store
+        .put_command_policy(tenant, &CommandPolicySettings::default(), now_millis(), &[])
+        .await
+        .unwrap();
     let reports: Vec<_> = (0..events)
         .map(|i| {
             ValidatedReport::parse(&serde_json::json!({"meta": {
@@ -160,7 +225,7 @@ async fn counts_as(conn: &mut PgConnection, tenant: Option<&TenantId>) -> Vec<(S
     out
 }
 
-fn expect(pairs: [(&str, i64); 8]) -> Vec<(String, i64)> {
+fn expect(pairs: [(&str, i64); 11]) -> Vec<(String, i64)> {
     pairs.iter().map(|(t, n)| ((*t).to_owned(), *n)).collect()
 }
 
@@ -195,6 +260,9 @@ async fn a_query_without_tenant_filter_sees_only_the_current_tenant() {
             ("sessions", 1),
             ("events", 3),
             ("session_devices", 1),
+            ("command_records", 3),
+            ("approvals", 1),
+            ("command_policies", 1),
         ])
     );
     assert_eq!(
@@ -208,6 +276,9 @@ async fn a_query_without_tenant_filter_sees_only_the_current_tenant() {
             ("sessions", 1),
             ("events", 7),
             ("session_devices", 1),
+            ("command_records", 6),
+            ("approvals", 1),
+            ("command_policies", 1),
         ])
     );
     let nothing = expect(TENANT_TABLES.map(|t| (t, 0)));
@@ -270,6 +341,32 @@ async fn a_query_without_tenant_filter_sees_only_the_current_tenant() {
         .await
         .unwrap();
     assert_eq!(by_code.as_deref(), Some(pending.id.as_str()));
+    // The sweeper's cross-tenant reads answer keys of due items only, of every tenant.
+    let mut due: Vec<String> =
+        sqlx::query_scalar("SELECT tenant FROM nexus_due_approvals($1, 100)")
+            .bind(now_millis())
+            .fetch_all(&mut app)
+            .await
+            .unwrap();
+    due.sort();
+    assert_eq!(due, vec![a.to_string(), b.to_string()]);
+    let columns: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM (SELECT * FROM nexus_due_commands($1, 100)) d")
+            .bind(now_millis() + 120_000)
+            .fetch_one(&mut app)
+            .await
+            .unwrap();
+    assert_eq!(
+        columns, 7,
+        "every queued command is past its deadline by then"
+    );
+    let not_yet: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM (SELECT * FROM nexus_due_commands($1, 100)) d")
+            .bind(0_i64)
+            .fetch_one(&mut app)
+            .await
+            .unwrap();
+    assert_eq!(not_yet, 0);
 
     // TRUNCATE ignores row-level security, so the application role must not have it.
     let truncated = sqlx::query("TRUNCATE events").execute(&mut app).await;

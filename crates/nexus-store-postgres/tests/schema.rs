@@ -182,3 +182,116 @@ async fn devices_paired_before_0002_keep_working_after_the_upgrade() {
     assert_eq!(credential.expires_at, LEGACY_EXPIRY);
     store.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_queue_keeps_its_rows_and_seqs_across_0003() {
+    use nexus_domain::approval::{CommandRecord, CommandStatus};
+    use nexus_domain::command::{ClientContext, CommandPolicy, DeviceCommand, Risk};
+    use nexus_domain::{CommandId, DeviceId, SessionId, TenantId, UserId};
+    use nexus_store::Created;
+
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    // The schema as the previous release left it (0001 and 0002), with a command queued by the
+    // old API: it has no command record.
+    let old = tempfile::tempdir().unwrap();
+    for file in ["0001_core.sql", "0002_identity.sql"] {
+        std::fs::copy(
+            format!("{}/migrations/{file}", env!("CARGO_MANIFEST_DIR")),
+            old.path().join(file),
+        )
+        .unwrap();
+    }
+    let mut owner = PgConnection::connect(&db.owner_url()).await.unwrap();
+    sqlx::migrate::Migrator::new(old.path())
+        .await
+        .unwrap()
+        .run(&mut owner)
+        .await
+        .unwrap();
+    let mut tx = owner.begin().await.unwrap();
+    sqlx::query("SELECT set_config('nexus.tenant', 'alpha:web', true)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO command_queues (tenant, device_id, last_seq) VALUES ('alpha:web', 'dev_a', 3)",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO commands (tenant, device_id, seq, id, body, created_at)
+         VALUES ('alpha:web', 'dev_a', 3, 'cmd_legacy', '{}', 1)",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    owner.close().await.unwrap();
+
+    PostgresStore::migrate(&db.owner_url()).await.unwrap();
+    let store = db.store(PostgresConfig::default()).await;
+    let device = DeviceId::from_trusted("dev_a".into());
+    // A new command in the same queue, and the legacy id in another tenant (ids are per tenant).
+    for (tenant, id) in [
+        (
+            TenantId::parse("alpha", "web").unwrap(),
+            CommandId::generate(),
+        ),
+        (
+            TenantId::parse("beta", "web").unwrap(),
+            CommandId::from_trusted("cmd_legacy".into()),
+        ),
+    ] {
+        let record = CommandRecord {
+            id: id.clone(),
+            tenant,
+            device_id: device.clone(),
+            command_type: "fs.read".into(),
+            params: serde_json::json!({}),
+            risk: Risk::Green,
+            status: CommandStatus::Queued,
+            session_id: SessionId::from_trusted("device:dev_a".into()),
+            correlation_id: "c".into(),
+            requested_by: UserId::from_trusted("usr_a".into()),
+            requested_at: 2,
+            request_hash: "h".into(),
+            approval_id: None,
+            replaces: None,
+            attempt: 0,
+            updated_at: 2,
+            deadline: Some(60_000),
+            result: None,
+        };
+        let body = DeviceCommand {
+            command_id: id,
+            command_type: "fs.read".into(),
+            params: serde_json::json!({}),
+            context: serde_json::Value::Null,
+            client_context: ClientContext::default(),
+            policy: CommandPolicy {
+                risk: Risk::Green,
+                approval_id: None,
+            },
+            created_at: "2026-01-01T00:00:00.000Z".into(),
+            attempt: 0,
+            run_before: None,
+            approval: None,
+        };
+        let created = store
+            .create_command(&record, None, Some(&body), &[])
+            .await
+            .unwrap();
+        assert!(matches!(created, Created::New(_)));
+    }
+    let alpha = TenantId::parse("alpha", "web").unwrap();
+    let delivered = store
+        .deliver_commands(&alpha, &device, 0, 100, 3, 60_000)
+        .await
+        .unwrap();
+    assert_eq!(delivered.len(), 1, "the legacy row has no record");
+    assert_eq!(delivered[0].seq, 4, "the queue's seqs continue");
+    store.close().await;
+}
