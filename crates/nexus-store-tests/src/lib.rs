@@ -4,11 +4,15 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use nexus_domain::approval::{
+    Approval, ApprovalId, ApprovalStatus, CommandPolicySettings, CommandRecord, CommandStatus,
+    RiskRule,
+};
 use nexus_domain::audit::{
     Actor, ActorType, AuditEntry, AuditRecord, AuditResult, AuditScope, AuditTarget, GENESIS_HASH,
     verify_chain,
 };
-use nexus_domain::command::{ClientContext, CommandPolicy, DeviceCommand, NewCommand, Risk};
+use nexus_domain::command::{ClientContext, CommandPolicy, DeviceCommand, Risk};
 use nexus_domain::identity::{AuthSession, AuthSessionId, StreamTicket, TotpState};
 use nexus_domain::report::ValidatedReport;
 use nexus_domain::secret::SecretHash;
@@ -18,8 +22,8 @@ use nexus_domain::{
     ProjectId, Role, SessionId, TenantId, User, UserId,
 };
 use nexus_store::{
-    AuditQuery, DeviceCredential, DeviceTokenHashes, Heartbeat, NewDevice, RefreshOutcome, Store,
-    StoreError,
+    AckOutcome, AuditQuery, CommandChange, CommandQuery, Created, DeviceCredential,
+    DeviceTokenHashes, Heartbeat, NewDevice, RefreshOutcome, Store, StoreError,
 };
 use serde_json::json;
 
@@ -45,7 +49,14 @@ macro_rules! conformance_tests {
             orgs_projects_and_members, users_create_lookup_and_password, login_failures_are_counted_and_cleared,
             totp_steps_are_accepted_once, concurrent_totp_step_is_accepted_once, recovery_codes_are_single_use,
             refresh_tokens_rotate_and_detect_reuse, concurrent_refresh_rotations_rotate_once, refresh_fails_for_revoked_or_expired_sessions,
-            revoking_all_sessions_keeps_the_current_one, stream_tickets_are_single_use_and_expire);
+            revoking_all_sessions_keeps_the_current_one, stream_tickets_are_single_use_and_expire,
+            idempotent_create_writes_once, approval_required_commands_are_not_queued,
+            concurrent_decisions_have_one_winner, denied_approval_never_runs,
+            expired_approvals_cannot_be_decided_and_are_swept, concurrent_expiry_and_decision_have_one_winner,
+            transitions_are_compare_and_set, due_commands_follow_deadlines,
+            list_commands_filters_and_pages_newest_first, list_approvals_by_status,
+            command_policy_roundtrip, commands_are_tenant_scoped, cancel_races_delivery,
+            concurrent_acks_count_once);
     };
     (@cases required $factory:path; $($case:ident),* $(,)?) => {
         $(
@@ -335,97 +346,171 @@ pub async fn heartbeat_is_tenant_scoped(store: DynStore) {
     );
 }
 
-fn command(t: &TenantId, device: &DeviceId, kind: &str) -> NewCommand {
-    let id = CommandId::generate();
-    NewCommand {
-        id: id.clone(),
-        tenant: t.clone(),
-        device_id: device.clone(),
-        command: DeviceCommand {
-            command_id: id,
-            command_type: kind.into(),
-            params: json!({"path": "/tmp"}),
-            context: serde_json::Value::Null,
-            client_context: ClientContext::default(),
-            policy: CommandPolicy {
-                risk: Risk::Green,
-                approval_id: None,
-            },
-            created_at: "2026-01-01T00:00:00.000Z".into(),
-        },
-    }
-}
-
 pub async fn command_queue_cursor_and_ack(store: DynStore) {
     let t = tenant(&unique("org"));
     let device = paired_device(&store, &t).await;
+    let base = now_millis();
     let mut queued = Vec::new();
-    for kind in ["fs.read", "fs.list", "shell.exec"] {
-        queued.push(
-            store
-                .enqueue_command(&command(&t, &device, kind), now_millis())
-                .await
-                .expect("enqueue"),
-        );
+    for kind in ["fs.read", "fs.list", "system.info"] {
+        queued.push(propose(&store, &t, &device, kind, Risk::Green, base).await);
     }
-    assert!(queued.windows(2).all(|w| w[0].seq < w[1].seq));
-    let all = store
-        .pending_commands(&t, &device, 0, 100)
+    // Deliveries follow the queue: oldest first, `after` is the cursor, `limit` bounds a pull.
+    let first = store
+        .deliver_commands(&t, &device, 0, 1, base + 1, base + 600_000)
         .await
-        .expect("pending");
-    assert_eq!(all, queued);
-    let after_first = store
-        .pending_commands(&t, &device, queued[0].seq, 100)
+        .expect("deliver");
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].record.id, queued[0].id);
+    assert_eq!(first[0].command, body_of(&queued[0]), "the stored body");
+    assert_eq!(first[0].record.status, CommandStatus::Delivered);
+    assert_eq!(first[0].record.attempt, 1);
+    assert_eq!(first[0].record.deadline, Some(base + 600_000));
+    assert_eq!(first[0].record.updated_at, base + 1);
+    let rest = store
+        .deliver_commands(&t, &device, first[0].seq, 100, base + 2, base + 600_000)
         .await
-        .expect("pending");
-    assert_eq!(after_first.len(), 2);
+        .expect("deliver");
     assert_eq!(
-        store
-            .pending_commands(&t, &device, 0, 1)
-            .await
-            .expect("pending")
-            .len(),
-        1
+        rest.iter().map(|d| d.record.id.clone()).collect::<Vec<_>>(),
+        vec![queued[1].id.clone(), queued[2].id.clone()]
     );
-
-    let first = &queued[0].command.command_id;
+    assert!(rest.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert!(rest[0].seq > first[0].seq);
     assert!(
         store
-            .ack_command(&t, &device, first, now_millis())
+            .deliver_commands(&t, &device, rest[1].seq, 100, base + 3, base + 600_000)
             .await
-            .expect("ack")
-    );
-    assert!(
-        store
-            .ack_command(&t, &device, first, now_millis())
-            .await
-            .expect("ack is idempotent")
-    );
-    assert!(
-        !store
-            .ack_command(&t, &device, &CommandId::generate(), now_millis())
-            .await
-            .expect("ack unknown")
-    );
-    assert!(
-        !store
-            .ack_command(&tenant(&unique("x")), &device, first, now_millis())
-            .await
-            .expect("ack cross-tenant")
-    );
-    let pending = store
-        .pending_commands(&t, &device, 0, 100)
-        .await
-        .expect("pending");
-    assert_eq!(pending.len(), 2);
-    assert!(pending.iter().all(|c| &c.command.command_id != first));
-    assert!(
-        store
-            .pending_commands(&tenant(&unique("x")), &device, 0, 100)
-            .await
-            .expect("pending")
+            .expect("deliver")
             .is_empty()
     );
+    // Pulling again from the start before acking hands out the same commands as a new attempt.
+    let again = store
+        .deliver_commands(&t, &device, 0, 100, base + 4, base + 700_000)
+        .await
+        .expect("deliver");
+    assert_eq!(again.len(), 3);
+    assert!(again.iter().all(|d| d.record.attempt == 2));
+    assert!(
+        again
+            .iter()
+            .all(|d| d.record.deadline == Some(base + 700_000))
+    );
+    assert_eq!(again[0].seq, first[0].seq);
+
+    // Acks name the delivery.
+    let never = propose(&store, &t, &device, "fs.read", Risk::Green, base).await;
+    let scope = AuditScope::Tenant(t.clone());
+    let before = verified_chain(&store, &scope).await.len();
+    let ack = |id: &CommandId, attempt: u32| {
+        let (store, t, device, id, scope) = (
+            store.clone(),
+            t.clone(),
+            device.clone(),
+            id.clone(),
+            scope.clone(),
+        );
+        async move {
+            store
+                .ack_delivery(
+                    &t,
+                    &device,
+                    &id,
+                    attempt,
+                    base + 5,
+                    &[record(&scope, "command.ack", "dev", base + 5)],
+                )
+                .await
+                .expect("ack")
+        }
+    };
+    match ack(&queued[0].id, 2).await {
+        AckOutcome::Acked(r) => {
+            assert_eq!(r.status, CommandStatus::Acked);
+            assert_eq!((r.attempt, r.updated_at), (2, base + 5));
+        }
+        other => panic!("expected Acked, got {other:?}"),
+    }
+    assert!(matches!(
+        ack(&queued[0].id, 2).await,
+        AckOutcome::AlreadyAcked(r) if r.status == CommandStatus::Acked
+    ));
+    assert!(matches!(
+        ack(&queued[1].id, 1).await,
+        AckOutcome::StaleAttempt(r) if r.attempt == 2 && r.status == CommandStatus::Delivered
+    ));
+    assert_eq!(
+        ack(&queued[1].id, 3).await,
+        AckOutcome::NotFound,
+        "not delivered yet"
+    );
+    assert_eq!(ack(&CommandId::generate(), 1).await, AckOutcome::NotFound);
+    let other_device = paired_device(&store, &t).await;
+    assert_eq!(
+        store
+            .ack_delivery(&t, &other_device, &queued[1].id, 2, base + 5, &[])
+            .await
+            .expect("ack"),
+        AckOutcome::NotFound,
+        "another device's command"
+    );
+    let other = tenant(&unique("x"));
+    assert_eq!(
+        store
+            .ack_delivery(&other, &device, &queued[1].id, 2, base + 5, &[])
+            .await
+            .expect("ack"),
+        AckOutcome::NotFound,
+        "another tenant's command"
+    );
+    assert_eq!(
+        ack(&never.id, 1).await,
+        AckOutcome::NotFound,
+        "queued, never delivered"
+    );
+    assert_eq!(
+        verified_chain(&store, &scope).await.len(),
+        before + 1,
+        "only the ack that changed something is audited"
+    );
+
+    // An acked command is out of the queue; the others come again (next attempt).
+    let pending = store
+        .deliver_commands(&t, &device, 0, 100, base + 6, base + 800_000)
+        .await
+        .expect("deliver");
+    assert_eq!(
+        pending
+            .iter()
+            .map(|d| d.record.id.clone())
+            .collect::<Vec<_>>(),
+        vec![queued[1].id.clone(), queued[2].id.clone(), never.id.clone()]
+    );
+    assert_eq!(
+        pending.iter().map(|d| d.record.attempt).collect::<Vec<_>>(),
+        vec![3, 3, 1]
+    );
+    assert!(
+        store
+            .deliver_commands(&other, &device, 0, 100, base + 7, base + 800_000)
+            .await
+            .expect("deliver")
+            .is_empty(),
+        "another tenant's queue"
+    );
+    assert!(
+        store
+            .deliver_commands(&t, &other_device, 0, 100, base + 7, base + 800_000)
+            .await
+            .expect("deliver")
+            .is_empty(),
+        "another device's queue"
+    );
+    let stored = store
+        .command(&t, &queued[0].id)
+        .await
+        .expect("read")
+        .expect("found");
+    assert_eq!(stored.status, CommandStatus::Acked);
 }
 
 pub async fn event_ids_are_gapless_per_session(store: DynStore) {
@@ -754,46 +839,52 @@ pub async fn concurrent_enqueues_keep_seqs_distinct_and_ordered(store: DynStore)
     for _ in 0..4 {
         let (store, t, device) = (store.clone(), t.clone(), device.clone());
         tasks.push(tokio::spawn(async move {
-            let mut seqs = Vec::new();
+            let mut ids = Vec::new();
             for _ in 0..10 {
-                seqs.push(
-                    store
-                        .enqueue_command(&command(&t, &device, "fs.read"), now_millis())
+                ids.push(
+                    propose(&store, &t, &device, "fs.read", Risk::Green, now_millis())
                         .await
-                        .expect("enqueue")
-                        .seq,
+                        .id,
                 );
             }
-            seqs
+            ids
         }));
     }
-    let mut all = Vec::new();
+    let mut writers = Vec::new();
     for task in futures::future::join_all(tasks).await {
-        let seqs = task.expect("task");
-        assert!(
-            seqs.windows(2).all(|w| w[0] < w[1]),
-            "one writer's seqs increase"
-        );
-        all.extend(seqs);
+        writers.push(task.expect("task"));
     }
-    all.sort_unstable();
-    all.dedup();
-    assert_eq!(all.len(), 40, "seqs are distinct");
-    let pending = store
-        .pending_commands(&t, &device, 0, 100)
+    let delivered = store
+        .deliver_commands(&t, &device, 0, 100, now_millis(), now_millis() + 60_000)
         .await
-        .expect("pending");
-    assert_eq!(pending.iter().map(|c| c.seq).collect::<Vec<_>>(), all);
+        .expect("deliver");
+    assert_eq!(delivered.len(), 40, "every command is queued once");
+    let seqs: Vec<i64> = delivered.iter().map(|d| d.seq).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "distinct, oldest first"
+    );
+    let seq_of = |id: &CommandId| {
+        delivered
+            .iter()
+            .find(|d| &d.record.id == id)
+            .map(|d| d.seq)
+            .expect("delivered")
+    };
+    for ids in &writers {
+        let order: Vec<i64> = ids.iter().map(seq_of).collect();
+        assert!(
+            order.windows(2).all(|w| w[0] < w[1]),
+            "one writer's commands are queued in order"
+        );
+    }
 }
 
 pub async fn deleting_a_device_revokes_it(store: DynStore) {
     let t = tenant(&unique("org"));
     let (device_id, tokens) = paired_device_with_tokens(&store, &t).await;
     let token_hash = tokens.access_hash.clone();
-    store
-        .enqueue_command(&command(&t, &device_id, "fs.read"), now_millis())
-        .await
-        .expect("enqueue");
+    propose(&store, &t, &device_id, "fs.read", Risk::Green, now_millis()).await;
     store
         .append_reports(&t, Some(&device_id), &[report("del", "r1")], now_millis())
         .await
@@ -843,10 +934,11 @@ pub async fn deleting_a_device_revokes_it(store: DynStore) {
     assert!(store.device(&t, &device_id).await.expect("read").is_none());
     assert!(
         store
-            .pending_commands(&t, &device_id, 0, 10)
+            .deliver_commands(&t, &device_id, 0, 10, now_millis(), now_millis() + 60_000)
             .await
-            .expect("pending")
-            .is_empty()
+            .expect("deliver")
+            .is_empty(),
+        "its queue is gone"
     );
     let session = SessionId::parse("s", "del").expect("s");
     assert!(
@@ -2288,4 +2380,1388 @@ pub async fn stream_tickets_are_single_use_and_expire(store: DynStore) {
         None,
         "an expired ticket is gone, not kept for later"
     );
+}
+
+// --- commands and approvals (issue 5) ---------------------------------------------------------
+
+const REQUESTER: &str = "usr_requester";
+
+/// A proposal as the service builds it: GREEN/YELLOW runnable at once (queued, with a delivery
+/// deadline), RED waiting for approval (no deadline).
+fn proposal(t: &TenantId, device: &DeviceId, kind: &str, risk: Risk, at: Millis) -> CommandRecord {
+    let needs_approval = risk == Risk::Red;
+    CommandRecord {
+        id: CommandId::generate(),
+        tenant: t.clone(),
+        device_id: device.clone(),
+        command_type: kind.into(),
+        params: json!({"path": "/tmp/é", "n": 1, "nested": {"b": [1, 2], "a": null}}),
+        risk,
+        status: if needs_approval {
+            CommandStatus::PendingApproval
+        } else {
+            CommandStatus::Queued
+        },
+        session_id: SessionId::from_trusted(format!("device:{device}")),
+        correlation_id: unique("corr"),
+        requested_by: UserId::from_trusted(REQUESTER.into()),
+        requested_at: at,
+        request_hash: unique("hash"),
+        approval_id: needs_approval.then(ApprovalId::generate),
+        replaces: None,
+        attempt: 0,
+        updated_at: at,
+        deadline: (!needs_approval).then_some(at + 3_600_000),
+        result: None,
+    }
+}
+
+/// What the device receives for a record.
+fn body_of(r: &CommandRecord) -> DeviceCommand {
+    DeviceCommand {
+        command_id: r.id.clone(),
+        command_type: r.command_type.clone(),
+        params: r.params.clone(),
+        context: serde_json::Value::Null,
+        client_context: ClientContext {
+            surface: Some("sidecar".into()),
+            correlation_id: Some(r.correlation_id.clone()),
+            session_id: Some(r.session_id.to_string()),
+        },
+        policy: CommandPolicy {
+            risk: r.risk,
+            approval_id: r.approval_id.as_ref().map(ToString::to_string),
+        },
+        created_at: "2026-01-01T00:00:00.000Z".into(),
+        attempt: 0,
+        run_before: None,
+        approval: None,
+    }
+}
+
+/// The approval of a record that waits for one.
+fn approval_of(r: &CommandRecord, expires_at: Millis) -> Approval {
+    Approval {
+        id: r
+            .approval_id
+            .clone()
+            .expect("a record waiting for approval"),
+        tenant: r.tenant.clone(),
+        command_id: r.id.clone(),
+        device_id: r.device_id.clone(),
+        command_type: r.command_type.clone(),
+        risk: r.risk,
+        summary: format!("{} on {}", r.command_type, r.device_id),
+        requested_by: r.requested_by.clone(),
+        requested_at: r.requested_at,
+        expires_at,
+        status: ApprovalStatus::Pending,
+        decided_by: None,
+        decided_at: None,
+        reason: None,
+    }
+}
+
+/// Stores `r` as the service would: with its approval (expiring at `expires_at`) if it waits for
+/// one, in its device's queue otherwise; audited as `command.propose`.
+async fn create(store: &DynStore, r: &CommandRecord, expires_at: Millis) -> Option<Approval> {
+    let approval = r.approval_id.is_some().then(|| approval_of(r, expires_at));
+    let queue = (r.status == CommandStatus::Queued).then(|| body_of(r));
+    let audit = record(
+        &AuditScope::Tenant(r.tenant.clone()),
+        "command.propose",
+        REQUESTER,
+        r.requested_at,
+    );
+    let created = store
+        .create_command(r, approval.as_ref(), queue.as_ref(), &[audit])
+        .await
+        .expect("create command");
+    assert_eq!(created, Created::New(r.clone()));
+    approval
+}
+
+async fn propose(
+    store: &DynStore,
+    t: &TenantId,
+    device: &DeviceId,
+    kind: &str,
+    risk: Risk,
+    at: Millis,
+) -> CommandRecord {
+    let r = proposal(t, device, kind, risk, at);
+    create(store, &r, at + 300_000).await;
+    r
+}
+
+async fn propose_red(
+    store: &DynStore,
+    t: &TenantId,
+    device: &DeviceId,
+    at: Millis,
+    expires_at: Millis,
+) -> (CommandRecord, Approval) {
+    let r = proposal(t, device, "shell.exec", Risk::Red, at);
+    let approval = create(store, &r, expires_at).await.expect("approval");
+    (r, approval)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn decide(
+    store: &DynStore,
+    a: &Approval,
+    decision: ApprovalStatus,
+    by: &str,
+    at: Millis,
+    queue: Option<&DeviceCommand>,
+    deadline: Option<Millis>,
+) -> Option<(Approval, CommandRecord)> {
+    let action = format!("approval.{}", decision.as_str());
+    let scope = AuditScope::Tenant(a.tenant.clone());
+    store
+        .decide_approval(
+            &a.tenant,
+            &a.id,
+            decision,
+            &UserId::from_trusted(by.into()),
+            at,
+            Some("because"),
+            queue,
+            deadline,
+            &[record(&scope, &action, by, at)],
+        )
+        .await
+        .expect("decide")
+}
+
+async fn deliver_all(
+    store: &DynStore,
+    t: &TenantId,
+    device: &DeviceId,
+    at: Millis,
+) -> Vec<CommandId> {
+    store
+        .deliver_commands(t, device, 0, 100, at, at + 600_000)
+        .await
+        .expect("deliver")
+        .into_iter()
+        .map(|d| d.record.id)
+        .collect()
+}
+
+async fn tenant_actions(store: &DynStore, t: &TenantId) -> Vec<String> {
+    actions(&verified_chain(store, &AuditScope::Tenant(t.clone())).await)
+        .into_iter()
+        .map(str::to_owned)
+        .collect()
+}
+
+async fn transition(
+    store: &DynStore,
+    r: &CommandRecord,
+    from: &[CommandStatus],
+    to: CommandStatus,
+    at: Millis,
+    change: &CommandChange,
+) -> Option<CommandRecord> {
+    let scope = AuditScope::Tenant(r.tenant.clone());
+    store
+        .transition_command(
+            &r.tenant,
+            &r.id,
+            from,
+            to,
+            at,
+            change,
+            &[record(
+                &scope,
+                &format!("command.{}", to.as_str()),
+                "usr_x",
+                at,
+            )],
+        )
+        .await
+        .expect("transition")
+}
+
+pub async fn idempotent_create_writes_once(store: DynStore) {
+    let t = tenant(&unique("org"));
+    let device = paired_device(&store, &t).await;
+    let base = now_millis();
+    let original = propose(&store, &t, &device, "fs.read", Risk::Green, base).await;
+
+    // The same id again, with another body, an approval and a queue entry: nothing is written.
+    let mut again = original.clone();
+    again.params = json!({"other": true});
+    again.request_hash = unique("hash");
+    again.requested_at = base + 5;
+    let scope = AuditScope::Tenant(t.clone());
+    let audit = [record(&scope, "command.propose", REQUESTER, base + 5)];
+    assert_eq!(
+        store
+            .create_command(&again, None, Some(&body_of(&again)), &audit)
+            .await
+            .expect("create again"),
+        Created::Existing(original.clone())
+    );
+    let mut red = original.clone();
+    red.risk = Risk::Red;
+    red.status = CommandStatus::PendingApproval;
+    red.approval_id = Some(ApprovalId::generate());
+    red.deadline = None;
+    let approval = approval_of(&red, base + 300_000);
+    assert_eq!(
+        store
+            .create_command(&red, Some(&approval), None, &audit)
+            .await
+            .expect("create again"),
+        Created::Existing(original.clone())
+    );
+    assert!(
+        store
+            .approval(&t, &approval.id)
+            .await
+            .expect("read")
+            .is_none(),
+        "no approval was written"
+    );
+    assert!(
+        store
+            .list_approvals(&t, None, 10)
+            .await
+            .expect("list")
+            .is_empty()
+    );
+    assert_eq!(
+        store.command(&t, &original.id).await.expect("read"),
+        Some(original.clone())
+    );
+    assert_eq!(
+        deliver_all(&store, &t, &device, base + 10).await,
+        vec![original.id.clone()],
+        "queued once"
+    );
+    assert_eq!(tenant_actions(&store, &t).await, vec!["command.propose"]);
+
+    // Command ids are the client's: the same id in another tenant is another command.
+    let other = tenant(&unique("other"));
+    let other_device = paired_device(&store, &other).await;
+    let mut theirs = proposal(&other, &other_device, "fs.list", Risk::Green, base);
+    theirs.id = original.id.clone();
+    create(&store, &theirs, base + 300_000).await;
+    assert_eq!(
+        deliver_all(&store, &other, &other_device, base + 10).await,
+        vec![original.id.clone()]
+    );
+    assert_eq!(
+        store
+            .command(&t, &original.id)
+            .await
+            .expect("read")
+            .expect("found")
+            .command_type,
+        "fs.read"
+    );
+}
+
+pub async fn approval_required_commands_are_not_queued(store: DynStore) {
+    let t = tenant(&unique("org"));
+    let device = paired_device(&store, &t).await;
+    let base = now_millis();
+    let (r, a) = propose_red(&store, &t, &device, base, base + 300_000).await;
+    assert_eq!(
+        store.command(&t, &r.id).await.expect("read"),
+        Some(r.clone())
+    );
+    assert_eq!(
+        store.approval(&t, &a.id).await.expect("read"),
+        Some(a.clone())
+    );
+    assert!(
+        deliver_all(&store, &t, &device, base + 1).await.is_empty(),
+        "a command waiting for approval is never delivered"
+    );
+    assert_eq!(
+        store
+            .list_approvals(&t, Some(ApprovalStatus::Pending), 10)
+            .await
+            .expect("list"),
+        vec![a]
+    );
+    let (pending, _) = store
+        .list_commands(
+            &t,
+            &CommandQuery {
+                status: Some(CommandStatus::PendingApproval),
+                limit: 10,
+                ..CommandQuery::default()
+            },
+        )
+        .await
+        .expect("list");
+    assert_eq!(pending, vec![r]);
+}
+
+pub async fn concurrent_decisions_have_one_winner(store: DynStore) {
+    let t = tenant(&unique("org"));
+    let device = paired_device(&store, &t).await;
+    let base = now_millis();
+    let (r, a) = propose_red(&store, &t, &device, base, base + 300_000).await;
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let (store, a, body) = (store.clone(), a.clone(), body_of(&r));
+        tasks.push(tokio::spawn(async move {
+            let by = format!("usr_approver{i}");
+            let decided = decide(
+                &store,
+                &a,
+                ApprovalStatus::Approved,
+                &by,
+                base + 10,
+                Some(&body),
+                Some(base + 3_600_000),
+            )
+            .await;
+            (by, decided)
+        }));
+    }
+    let mut winners = Vec::new();
+    for task in futures::future::join_all(tasks).await {
+        let (by, decided) = task.expect("task");
+        if let Some(decided) = decided {
+            winners.push((by, decided));
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one decision wins");
+    let (by, (approval, record)) = winners.remove(0);
+    assert_eq!(approval.status, ApprovalStatus::Approved);
+    assert_eq!(approval.decided_by, Some(UserId::from_trusted(by)));
+    assert_eq!(approval.decided_at, Some(base + 10));
+    assert_eq!(approval.reason.as_deref(), Some("because"));
+    assert_eq!(record.status, CommandStatus::Queued);
+    assert_eq!(record.deadline, Some(base + 3_600_000));
+    assert_eq!(record.updated_at, base + 10);
+    assert_eq!(
+        store.approval(&t, &a.id).await.expect("read"),
+        Some(approval)
+    );
+    assert_eq!(store.command(&t, &r.id).await.expect("read"), Some(record));
+
+    let delivered = store
+        .deliver_commands(&t, &device, 0, 100, base + 20, base + 600_000)
+        .await
+        .expect("deliver");
+    assert_eq!(delivered.len(), 1, "queued once");
+    assert_eq!(delivered[0].command, body_of(&r));
+    assert!(
+        store
+            .deliver_commands(
+                &t,
+                &device,
+                delivered[0].seq,
+                100,
+                base + 21,
+                base + 600_000
+            )
+            .await
+            .expect("deliver")
+            .is_empty()
+    );
+    assert!(
+        decide(
+            &store,
+            &a,
+            ApprovalStatus::Denied,
+            "usr_late",
+            base + 30,
+            None,
+            None
+        )
+        .await
+        .is_none(),
+        "a decided approval stays decided"
+    );
+    let approvals = tenant_actions(&store, &t)
+        .await
+        .into_iter()
+        .filter(|a| a.starts_with("approval."))
+        .count();
+    assert_eq!(approvals, 1, "only the winner is audited");
+}
+
+pub async fn denied_approval_never_runs(store: DynStore) {
+    let t = tenant(&unique("org"));
+    let device = paired_device(&store, &t).await;
+    let base = now_millis();
+    let (r, a) = propose_red(&store, &t, &device, base, base + 300_000).await;
+    // A queue entry offered with a denial is ignored.
+    let (approval, record) = decide(
+        &store,
+        &a,
+        ApprovalStatus::Denied,
+        "usr_boss",
+        base + 10,
+        Some(&body_of(&r)),
+        Some(base + 3_600_000),
+    )
+    .await
+    .expect("denied");
+    assert_eq!(approval.status, ApprovalStatus::Denied);
+    assert_eq!(
+        approval.decided_by,
+        Some(UserId::from_trusted("usr_boss".into()))
+    );
+    assert_eq!(record.status, CommandStatus::Denied);
+    assert_eq!(record.deadline, None);
+    assert!(deliver_all(&store, &t, &device, base + 20).await.is_empty());
+    assert!(
+        decide(
+            &store,
+            &a,
+            ApprovalStatus::Approved,
+            "usr_x",
+            base + 30,
+            Some(&body_of(&r)),
+            None
+        )
+        .await
+        .is_none()
+    );
+    assert!(
+        store
+            .expire_approval(&t, &a.id, base + 10_000_000, &[])
+            .await
+            .expect("expire")
+            .is_none()
+    );
+    assert!(deliver_all(&store, &t, &device, base + 40).await.is_empty());
+    assert_eq!(
+        tenant_actions(&store, &t).await,
+        vec!["command.propose", "approval.denied"]
+    );
+}
+
+pub async fn expired_approvals_cannot_be_decided_and_are_swept(store: DynStore) {
+    let t = tenant(&unique("org"));
+    let device = paired_device(&store, &t).await;
+    let base = now_millis();
+    let (r1, a1) = propose_red(&store, &t, &device, base, base + 1_000).await;
+    let (_, a2) = propose_red(&store, &t, &device, base, base + 5_000).await;
+    let body = body_of(&r1);
+    assert!(
+        decide(
+            &store,
+            &a1,
+            ApprovalStatus::Approved,
+            "usr_x",
+            base + 1_000,
+            Some(&body),
+            None
+        )
+        .await
+        .is_none(),
+        "at expires_at it is too late"
+    );
+    let due = |now: Millis| {
+        let store = store.clone();
+        async move { store.due_approvals(now, 1_000).await.expect("due") }
+    };
+    assert!(!due(base + 999).await.contains(&(t.clone(), a1.id.clone())));
+    let due_now = due(base + 1_000).await;
+    assert!(due_now.contains(&(t.clone(), a1.id.clone())));
+    assert!(!due_now.contains(&(t.clone(), a2.id.clone())));
+    assert!(
+        store
+            .due_approvals(base + 1_000_000, 1)
+            .await
+            .expect("due")
+            .len()
+            <= 1
+    );
+
+    let scope = AuditScope::Tenant(t.clone());
+    let audit = [record(&scope, "approval.expire", "system", base + 1_000)];
+    assert!(
+        store
+            .expire_approval(&t, &a1.id, base + 999, &audit)
+            .await
+            .expect("expire")
+            .is_none(),
+        "not due yet"
+    );
+    assert!(
+        store
+            .expire_approval(&tenant(&unique("other")), &a1.id, base + 1_000, &audit)
+            .await
+            .expect("expire")
+            .is_none()
+    );
+    let (approval, record) = store
+        .expire_approval(&t, &a1.id, base + 1_000, &audit)
+        .await
+        .expect("expire")
+        .expect("expired");
+    assert_eq!(approval.status, ApprovalStatus::Expired);
+    assert_eq!(approval.decided_by, None);
+    assert_eq!(approval.decided_at, Some(base + 1_000));
+    assert_eq!(record.id, r1.id);
+    assert_eq!(record.status, CommandStatus::Expired);
+    assert_eq!(record.deadline, None);
+    assert!(
+        store
+            .expire_approval(&t, &a1.id, base + 2_000, &audit)
+            .await
+            .expect("expire")
+            .is_none()
+    );
+    assert!(
+        decide(
+            &store,
+            &a1,
+            ApprovalStatus::Approved,
+            "usr_x",
+            base + 500,
+            Some(&body),
+            None
+        )
+        .await
+        .is_none(),
+        "an expired approval cannot be decided, whatever the caller's clock says"
+    );
+    assert!(
+        !due(base + 2_000)
+            .await
+            .contains(&(t.clone(), a1.id.clone()))
+    );
+    assert!(
+        deliver_all(&store, &t, &device, base + 2_000)
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        tenant_actions(&store, &t)
+            .await
+            .iter()
+            .filter(|a| a.starts_with("approval."))
+            .collect::<Vec<_>>(),
+        vec!["approval.expire"]
+    );
+}
+
+pub async fn concurrent_expiry_and_decision_have_one_winner(store: DynStore) {
+    let t = tenant(&unique("org"));
+    let device = paired_device(&store, &t).await;
+    let base = now_millis();
+    for _ in 0..10 {
+        let (r, a) = propose_red(&store, &t, &device, base, base + 1_000).await;
+        // A replica whose clock is just before the expiry decides while another one's sweeper
+        // expires it.
+        let decider = {
+            let (store, a, body) = (store.clone(), a.clone(), body_of(&r));
+            tokio::spawn(async move {
+                decide(
+                    &store,
+                    &a,
+                    ApprovalStatus::Approved,
+                    "usr_x",
+                    base + 999,
+                    Some(&body),
+                    Some(base + 60_000),
+                )
+                .await
+            })
+        };
+        let sweeper = {
+            let (store, t, id) = (store.clone(), t.clone(), a.id.clone());
+            tokio::spawn(async move {
+                store
+                    .expire_approval(&t, &id, base + 1_000, &[])
+                    .await
+                    .expect("expire")
+            })
+        };
+        let (decided, expired) = (decider.await.expect("task"), sweeper.await.expect("task"));
+        assert!(
+            decided.is_some() != expired.is_some(),
+            "exactly one of decide and expire wins"
+        );
+        let approval = store
+            .approval(&t, &a.id)
+            .await
+            .expect("read")
+            .expect("found");
+        let command = store
+            .command(&t, &r.id)
+            .await
+            .expect("read")
+            .expect("found");
+        match approval.status {
+            ApprovalStatus::Approved => assert_eq!(command.status, CommandStatus::Queued),
+            ApprovalStatus::Expired => assert_eq!(command.status, CommandStatus::Expired),
+            other => panic!("unexpected approval status {other:?}"),
+        }
+    }
+}
+
+pub async fn transitions_are_compare_and_set(store: DynStore) {
+    let t = tenant(&unique("org"));
+    let device = paired_device(&store, &t).await;
+    let base = now_millis();
+    let none = CommandChange::default();
+    let c = propose(&store, &t, &device, "fs.read", Risk::Green, base).await;
+    assert!(
+        transition(
+            &store,
+            &c,
+            &[CommandStatus::Delivered],
+            CommandStatus::Succeeded,
+            base + 1,
+            &none
+        )
+        .await
+        .is_none(),
+        "wrong from: nothing changes"
+    );
+    let clear = CommandChange {
+        deadline: Some(None),
+        ..CommandChange::default()
+    };
+    let cancelled = transition(
+        &store,
+        &c,
+        &[CommandStatus::Queued],
+        CommandStatus::Cancelled,
+        base + 5,
+        &clear,
+    )
+    .await
+    .expect("cancelled");
+    assert_eq!(cancelled.status, CommandStatus::Cancelled);
+    assert_eq!(cancelled.deadline, None);
+    assert_eq!(cancelled.updated_at, base + 5);
+    assert!(
+        transition(
+            &store,
+            &c,
+            &[CommandStatus::Queued],
+            CommandStatus::Cancelled,
+            base + 6,
+            &clear
+        )
+        .await
+        .is_none()
+    );
+    assert!(
+        deliver_all(&store, &t, &device, base + 7).await.is_empty(),
+        "a cancelled command leaves the queue"
+    );
+
+    // A result is kept; a finished command is not delivered again.
+    let d = propose(&store, &t, &device, "fs.list", Risk::Green, base).await;
+    assert_eq!(
+        deliver_all(&store, &t, &device, base + 8).await,
+        vec![d.id.clone()]
+    );
+    let result = json!({"report_id": "r1", "event_id": 7, "session_id": "s"});
+    let done = transition(
+        &store,
+        &d,
+        &[CommandStatus::Delivered, CommandStatus::Acked],
+        CommandStatus::Succeeded,
+        base + 9,
+        &CommandChange {
+            result: Some(result.clone()),
+            deadline: Some(None),
+        },
+    )
+    .await
+    .expect("succeeded");
+    assert_eq!(done.status, CommandStatus::Succeeded);
+    assert_eq!(done.result, Some(result));
+    assert_eq!(done.deadline, None);
+    assert_eq!(done.attempt, 1);
+    assert!(deliver_all(&store, &t, &device, base + 10).await.is_empty());
+    assert!(
+        transition(
+            &store,
+            &d,
+            &[CommandStatus::Delivered],
+            CommandStatus::Failed,
+            base + 11,
+            &none
+        )
+        .await
+        .is_none()
+    );
+    // The state machine only goes forward: anything else is refused as a bug.
+    assert!(
+        store
+            .transition_command(
+                &t,
+                &d.id,
+                &[CommandStatus::Succeeded],
+                CommandStatus::Queued,
+                base + 12,
+                &none,
+                &[]
+            )
+            .await
+            .is_err()
+    );
+    // Setting a deadline.
+    let e = propose(&store, &t, &device, "fs.read", Risk::Green, base).await;
+    assert_eq!(
+        deliver_all(&store, &t, &device, base + 13).await,
+        vec![e.id.clone()]
+    );
+    let acked_deadline = CommandChange {
+        deadline: Some(Some(base + 99)),
+        ..CommandChange::default()
+    };
+    let acked = transition(
+        &store,
+        &e,
+        &[CommandStatus::Delivered],
+        CommandStatus::Acked,
+        base + 14,
+        &acked_deadline,
+    )
+    .await
+    .expect("acked");
+    assert_eq!(
+        (acked.status, acked.deadline),
+        (CommandStatus::Acked, Some(base + 99))
+    );
+
+    // A timeout needs its deadline to have passed at the time of the change.
+    let f = propose(&store, &t, &device, "fs.read", Risk::Green, base).await;
+    let deadline = f.deadline.expect("delivery deadline");
+    assert!(
+        transition(
+            &store,
+            &f,
+            &[CommandStatus::Queued],
+            CommandStatus::DeliveryTimedOut,
+            deadline - 1,
+            &clear
+        )
+        .await
+        .is_none()
+    );
+    let timed_out = transition(
+        &store,
+        &f,
+        &[CommandStatus::Queued],
+        CommandStatus::DeliveryTimedOut,
+        deadline,
+        &clear,
+    )
+    .await
+    .expect("timed out");
+    assert_eq!(timed_out.status, CommandStatus::DeliveryTimedOut);
+    assert!(deliver_all(&store, &t, &device, base + 15).await.is_empty());
+    assert_eq!(
+        tenant_actions(&store, &t)
+            .await
+            .iter()
+            .filter(|a| !a.starts_with("command.propose"))
+            .collect::<Vec<_>>(),
+        vec![
+            "command.cancelled",
+            "command.succeeded",
+            "command.acked",
+            "command.delivery_timed_out"
+        ],
+        "only the transitions that happened are audited"
+    );
+}
+
+pub async fn due_commands_follow_deadlines(store: DynStore) {
+    let t = tenant(&unique("org"));
+    let device = paired_device(&store, &t).await;
+    let base = now_millis();
+    let mut c1 = proposal(&t, &device, "fs.read", Risk::Green, base);
+    c1.deadline = Some(base + 100);
+    create(&store, &c1, base + 300_000).await;
+    let mut c2 = proposal(&t, &device, "fs.read", Risk::Green, base);
+    c2.deadline = Some(base + 10_000);
+    create(&store, &c2, base + 300_000).await;
+    let (red, _) = propose_red(&store, &t, &device, base, base + 300_000).await;
+    let due = |now: Millis| {
+        let store = store.clone();
+        async move { store.due_commands(now, 1_000).await.expect("due") }
+    };
+    let ours = |all: Vec<(TenantId, CommandId, CommandStatus)>| {
+        let mut ours: Vec<(CommandId, CommandStatus)> = all
+            .into_iter()
+            .filter(|(tenant, _, _)| tenant == &t)
+            .map(|(_, id, status)| (id, status))
+            .collect();
+        ours.sort_by(|a, b| a.0.cmp(&b.0));
+        ours
+    };
+    let sorted = |mut v: Vec<(CommandId, CommandStatus)>| {
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    assert!(ours(due(base + 99).await).is_empty());
+    assert_eq!(
+        ours(due(base + 100).await),
+        vec![(c1.id.clone(), CommandStatus::Queued)],
+        "queued past its delivery deadline"
+    );
+    // Delivered: the execution deadline applies.
+    let delivered = store
+        .deliver_commands(&t, &device, 0, 100, base + 150, base + 200)
+        .await
+        .expect("deliver");
+    assert_eq!(delivered.len(), 2);
+    assert!(ours(due(base + 199).await).is_empty());
+    assert_eq!(
+        ours(due(base + 200).await),
+        sorted(vec![
+            (c1.id.clone(), CommandStatus::Delivered),
+            (c2.id.clone(), CommandStatus::Delivered)
+        ])
+    );
+    assert!(matches!(
+        store
+            .ack_delivery(&t, &device, &c1.id, 1, base + 160, &[])
+            .await
+            .expect("ack"),
+        AckOutcome::Acked(_)
+    ));
+    transition(
+        &store,
+        &c2,
+        &[CommandStatus::Delivered],
+        CommandStatus::Succeeded,
+        base + 170,
+        &CommandChange {
+            deadline: Some(None),
+            ..CommandChange::default()
+        },
+    )
+    .await
+    .expect("succeeded");
+    assert_eq!(
+        ours(due(base + 200).await),
+        vec![(c1.id.clone(), CommandStatus::Acked)],
+        "acked but not finished in time"
+    );
+    assert!(
+        !ours(due(base + 100_000_000).await)
+            .iter()
+            .any(|(id, _)| id == &red.id),
+        "a command waiting for approval has no deadline"
+    );
+    assert!(store.due_commands(base + 200, 1).await.expect("due").len() <= 1);
+    // An execution timeout ends the delivery: a late ack is refused.
+    transition(
+        &store,
+        &c1,
+        &[CommandStatus::Acked],
+        CommandStatus::ExecutionTimedOut,
+        base + 200,
+        &CommandChange::default(),
+    )
+    .await
+    .expect("timed out");
+    assert!(
+        ours(due(base + 100_000_000).await)
+            .iter()
+            .all(|(id, _)| id != &c1.id)
+    );
+}
+
+pub async fn list_commands_filters_and_pages_newest_first(store: DynStore) {
+    let t = tenant(&unique("org"));
+    let (d1, d2) = (
+        paired_device(&store, &t).await,
+        paired_device(&store, &t).await,
+    );
+    let base = now_millis();
+    let mut made = Vec::new();
+    for (i, (device, risk)) in [
+        (&d1, Risk::Green),
+        (&d1, Risk::Red),
+        (&d2, Risk::Green),
+        (&d2, Risk::Red),
+        (&d1, Risk::Green),
+        (&d2, Risk::Yellow),
+        (&d1, Risk::Red),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        made.push(propose(&store, &t, device, "fs.read", risk, base + i as i64).await);
+    }
+    let ids = |records: &[CommandRecord]| records.iter().map(|r| r.id.clone()).collect::<Vec<_>>();
+    let newest_first: Vec<CommandId> = made.iter().rev().map(|r| r.id.clone()).collect();
+    let list = |query: CommandQuery| {
+        let (store, t) = (store.clone(), t.clone());
+        async move { store.list_commands(&t, &query).await.expect("list") }
+    };
+
+    let mut pages = Vec::new();
+    let mut before = None;
+    loop {
+        let (page, next) = list(CommandQuery {
+            before,
+            limit: 3,
+            ..CommandQuery::default()
+        })
+        .await;
+        assert!(page.len() <= 3);
+        pages.extend(ids(&page));
+        match next {
+            Some(cursor) => before = Some(cursor),
+            None => break,
+        }
+    }
+    assert_eq!(pages, newest_first, "every command once, newest first");
+    let (page, next) = list(CommandQuery {
+        limit: 7,
+        ..CommandQuery::default()
+    })
+    .await;
+    assert_eq!(
+        (page.len(), next),
+        (7, None),
+        "no cursor after the last page"
+    );
+    assert_eq!(page[0], made[6], "records read back as stored");
+
+    let (pending, _) = list(CommandQuery {
+        status: Some(CommandStatus::PendingApproval),
+        limit: 10,
+        ..CommandQuery::default()
+    })
+    .await;
+    assert_eq!(
+        ids(&pending),
+        vec![made[6].id.clone(), made[3].id.clone(), made[1].id.clone()]
+    );
+    let (on_d2, _) = list(CommandQuery {
+        device_id: Some(d2.clone()),
+        limit: 10,
+        ..CommandQuery::default()
+    })
+    .await;
+    assert_eq!(
+        ids(&on_d2),
+        vec![made[5].id.clone(), made[3].id.clone(), made[2].id.clone()]
+    );
+    let (queued_d1, next) = list(CommandQuery {
+        status: Some(CommandStatus::Queued),
+        device_id: Some(d1.clone()),
+        limit: 1,
+        ..CommandQuery::default()
+    })
+    .await;
+    assert_eq!(ids(&queued_d1), vec![made[4].id.clone()]);
+    let (rest, next) = list(CommandQuery {
+        status: Some(CommandStatus::Queued),
+        device_id: Some(d1.clone()),
+        before: next,
+        limit: 1,
+    })
+    .await;
+    assert_eq!((ids(&rest), next), (vec![made[0].id.clone()], None));
+    let (theirs, next) = store
+        .list_commands(
+            &tenant(&unique("other")),
+            &CommandQuery {
+                limit: 10,
+                ..CommandQuery::default()
+            },
+        )
+        .await
+        .expect("list");
+    assert!(theirs.is_empty() && next.is_none());
+}
+
+pub async fn list_approvals_by_status(store: DynStore) {
+    let t = tenant(&unique("org"));
+    let device = paired_device(&store, &t).await;
+    let base = now_millis();
+    let mut approvals = Vec::new();
+    let mut records = Vec::new();
+    for i in 0..3 {
+        let (r, a) = propose_red(&store, &t, &device, base + i, base + 300_000).await;
+        records.push(r);
+        approvals.push(a);
+    }
+    decide(
+        &store,
+        &approvals[0],
+        ApprovalStatus::Approved,
+        "usr_x",
+        base + 10,
+        Some(&body_of(&records[0])),
+        None,
+    )
+    .await
+    .expect("approved");
+    decide(
+        &store,
+        &approvals[1],
+        ApprovalStatus::Denied,
+        "usr_x",
+        base + 10,
+        None,
+        None,
+    )
+    .await
+    .expect("denied");
+    let list = |status: Option<ApprovalStatus>, limit: u32| {
+        let (store, t) = (store.clone(), t.clone());
+        async move {
+            store
+                .list_approvals(&t, status, limit)
+                .await
+                .expect("list")
+                .into_iter()
+                .map(|a| (a.id, a.status))
+                .collect::<Vec<_>>()
+        }
+    };
+    let ids = |which: &[usize]| {
+        which
+            .iter()
+            .map(|i| approvals[*i].id.clone())
+            .collect::<Vec<_>>()
+    };
+    let only_ids =
+        |v: Vec<(ApprovalId, ApprovalStatus)>| v.into_iter().map(|(id, _)| id).collect::<Vec<_>>();
+    assert_eq!(
+        only_ids(list(None, 10).await),
+        ids(&[2, 1, 0]),
+        "newest first"
+    );
+    assert_eq!(only_ids(list(None, 2).await), ids(&[2, 1]));
+    assert_eq!(
+        list(Some(ApprovalStatus::Pending), 10).await,
+        vec![(approvals[2].id.clone(), ApprovalStatus::Pending)]
+    );
+    assert_eq!(
+        list(Some(ApprovalStatus::Approved), 10).await,
+        vec![(approvals[0].id.clone(), ApprovalStatus::Approved)]
+    );
+    assert_eq!(
+        list(Some(ApprovalStatus::Denied), 10).await,
+        vec![(approvals[1].id.clone(), ApprovalStatus::Denied)]
+    );
+    assert!(list(Some(ApprovalStatus::Expired), 10).await.is_empty());
+    assert!(
+        store
+            .list_approvals(&tenant(&unique("other")), None, 10)
+            .await
+            .expect("list")
+            .is_empty()
+    );
+}
+
+pub async fn command_policy_roundtrip(store: DynStore) {
+    let t = tenant(&unique("org"));
+    let base = now_millis();
+    assert_eq!(store.command_policy(&t).await.expect("read"), None);
+    let scope = AuditScope::Tenant(t.clone());
+    let default = CommandPolicySettings::default();
+    store
+        .put_command_policy(
+            &t,
+            &default,
+            base,
+            &[record(&scope, "policy.update", "usr_a", base)],
+        )
+        .await
+        .expect("put");
+    assert_eq!(
+        store.command_policy(&t).await.expect("read"),
+        Some(default.clone())
+    );
+    let mut changed = default.clone();
+    changed.rules.push(RiskRule {
+        pattern: "media.*".into(),
+        risk: Risk::Yellow,
+    });
+    changed.yellow_requires_approval = true;
+    changed.require_distinct_approver = true;
+    changed.approval_ttl_secs = 60;
+    changed.delivery_ttl_secs = 120;
+    changed.execution_timeout_secs = 30;
+    store
+        .put_command_policy(
+            &t,
+            &changed,
+            base + 1,
+            &[record(&scope, "policy.update", "usr_a", base + 1)],
+        )
+        .await
+        .expect("put");
+    assert_eq!(store.command_policy(&t).await.expect("read"), Some(changed));
+    assert_eq!(
+        store
+            .command_policy(&tenant(&unique("other")))
+            .await
+            .expect("read"),
+        None
+    );
+    assert_eq!(
+        tenant_actions(&store, &t).await,
+        vec!["policy.update", "policy.update"]
+    );
+}
+
+pub async fn commands_are_tenant_scoped(store: DynStore) {
+    let t = tenant(&unique("org"));
+    let other = tenant(&unique("other"));
+    let device = paired_device(&store, &t).await;
+    let base = now_millis();
+    let (r, a) = propose_red(&store, &t, &device, base, base + 1_000).await;
+    let g = propose(&store, &t, &device, "fs.read", Risk::Green, base).await;
+    store
+        .put_command_policy(&t, &CommandPolicySettings::default(), base, &[])
+        .await
+        .expect("put");
+
+    assert!(store.command(&other, &r.id).await.expect("read").is_none());
+    assert!(store.approval(&other, &a.id).await.expect("read").is_none());
+    assert!(store.command_policy(&other).await.expect("read").is_none());
+    let mut foreign = a.clone();
+    foreign.tenant = other.clone();
+    assert!(
+        decide(
+            &store,
+            &foreign,
+            ApprovalStatus::Approved,
+            "usr_x",
+            base + 1,
+            Some(&body_of(&r)),
+            None
+        )
+        .await
+        .is_none()
+    );
+    assert!(
+        store
+            .expire_approval(&other, &a.id, base + 5_000, &[])
+            .await
+            .expect("expire")
+            .is_none()
+    );
+    assert!(
+        store
+            .transition_command(
+                &other,
+                &g.id,
+                &[CommandStatus::Queued],
+                CommandStatus::Cancelled,
+                base + 1,
+                &CommandChange::default(),
+                &[]
+            )
+            .await
+            .expect("transition")
+            .is_none()
+    );
+    assert!(
+        deliver_all(&store, &other, &device, base + 2)
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .approval(&t, &a.id)
+            .await
+            .expect("read")
+            .expect("found")
+            .status,
+        ApprovalStatus::Pending,
+        "untouched"
+    );
+    assert_eq!(
+        store
+            .command(&t, &g.id)
+            .await
+            .expect("read")
+            .expect("found")
+            .status,
+        CommandStatus::Queued,
+        "untouched"
+    );
+    assert!(
+        verified_chain(&store, &AuditScope::Tenant(other.clone()))
+            .await
+            .is_empty()
+    );
+    // The sweeper reads across tenants, but names each item's own tenant.
+    assert!(
+        store
+            .due_approvals(base + 1_000, 1_000)
+            .await
+            .expect("due")
+            .contains(&(t.clone(), a.id.clone()))
+    );
+    assert!(
+        store
+            .due_commands(g.deadline.expect("deadline"), 1_000)
+            .await
+            .expect("due")
+            .contains(&(t.clone(), g.id.clone(), CommandStatus::Queued))
+    );
+    assert_eq!(
+        deliver_all(&store, &t, &device, base + 3).await,
+        vec![g.id.clone()]
+    );
+}
+
+pub async fn cancel_races_delivery(store: DynStore) {
+    let t = tenant(&unique("org"));
+    let device = paired_device(&store, &t).await;
+    let base = now_millis();
+    let mut commands = Vec::new();
+    for _ in 0..10 {
+        commands.push(propose(&store, &t, &device, "fs.read", Risk::Green, base).await);
+    }
+    let puller = {
+        let (store, t, device) = (store.clone(), t.clone(), device.clone());
+        tokio::spawn(async move { deliver_all(&store, &t, &device, base + 1).await })
+    };
+    let mut cancels = Vec::new();
+    for c in commands.iter().rev() {
+        let (store, c) = (store.clone(), c.clone());
+        cancels.push(tokio::spawn(async move {
+            let cancelled = transition(
+                &store,
+                &c,
+                &[CommandStatus::Queued],
+                CommandStatus::Cancelled,
+                base + 1,
+                &CommandChange::default(),
+            )
+            .await;
+            (c.id, cancelled.is_some())
+        }));
+    }
+    let delivered = puller.await.expect("task");
+    for task in futures::future::join_all(cancels).await {
+        let (id, cancelled) = task.expect("task");
+        assert!(
+            cancelled != delivered.contains(&id),
+            "a command is either cancelled or delivered, never both"
+        );
+        let status = store
+            .command(&t, &id)
+            .await
+            .expect("read")
+            .expect("found")
+            .status;
+        assert_eq!(
+            status,
+            if cancelled {
+                CommandStatus::Cancelled
+            } else {
+                CommandStatus::Delivered
+            }
+        );
+    }
+    assert!(
+        deliver_all(&store, &t, &device, base + 2)
+            .await
+            .iter()
+            .all(|id| delivered.contains(id)),
+        "cancelled commands are never delivered later"
+    );
+}
+
+pub async fn concurrent_acks_count_once(store: DynStore) {
+    let t = tenant(&unique("org"));
+    let device = paired_device(&store, &t).await;
+    let base = now_millis();
+    let c = propose(&store, &t, &device, "fs.read", Risk::Green, base).await;
+    assert_eq!(
+        deliver_all(&store, &t, &device, base + 1).await,
+        vec![c.id.clone()]
+    );
+    let scope = AuditScope::Tenant(t.clone());
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let (store, t, device, id, scope) = (
+            store.clone(),
+            t.clone(),
+            device.clone(),
+            c.id.clone(),
+            scope.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            store
+                .ack_delivery(
+                    &t,
+                    &device,
+                    &id,
+                    1,
+                    base + 2,
+                    &[record(&scope, "command.ack", "dev", base + 2)],
+                )
+                .await
+                .expect("ack")
+        }));
+    }
+    let mut acked = 0;
+    for task in futures::future::join_all(tasks).await {
+        match task.expect("task") {
+            AckOutcome::Acked(_) => acked += 1,
+            AckOutcome::AlreadyAcked(r) => assert_eq!(r.status, CommandStatus::Acked),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(acked, 1);
+    assert_eq!(
+        tenant_actions(&store, &t).await,
+        vec!["command.propose", "command.ack"]
+    );
+    // A report that finished the command before the ack arrived: the ack is a no-op.
+    let d = propose(&store, &t, &device, "fs.read", Risk::Green, base).await;
+    assert_eq!(
+        deliver_all(&store, &t, &device, base + 3).await,
+        vec![d.id.clone()]
+    );
+    transition(
+        &store,
+        &d,
+        &[CommandStatus::Delivered],
+        CommandStatus::Succeeded,
+        base + 4,
+        &CommandChange::default(),
+    )
+    .await
+    .expect("succeeded");
+    assert!(matches!(
+        store.ack_delivery(&t, &device, &d.id, 1, base + 5, &[]).await.expect("ack"),
+        AckOutcome::AlreadyAcked(r) if r.status == CommandStatus::Succeeded
+    ));
+    // A delivery that timed out is not acked any more: the device must not run it.
+    let e = propose(&store, &t, &device, "fs.read", Risk::Green, base).await;
+    let delivered = store
+        .deliver_commands(&t, &device, 0, 100, base + 6, base + 7)
+        .await
+        .expect("deliver");
+    assert_eq!(delivered.len(), 1);
+    transition(
+        &store,
+        &e,
+        &[CommandStatus::Delivered],
+        CommandStatus::ExecutionTimedOut,
+        base + 7,
+        &CommandChange::default(),
+    )
+    .await
+    .expect("timed out");
+    assert!(matches!(
+        store.ack_delivery(&t, &device, &e.id, 1, base + 8, &[]).await.expect("ack"),
+        AckOutcome::StaleAttempt(r) if r.status == CommandStatus::ExecutionTimedOut
+    ));
+    assert!(deliver_all(&store, &t, &device, base + 9).await.is_empty());
 }
