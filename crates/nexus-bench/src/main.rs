@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod authcost;
+mod cmdlatency;
 mod common;
 mod fanout;
 mod http;
@@ -60,7 +61,8 @@ Examples:
   nexus-bench ingest --spawn-server target/release/nexus --duration 10
   nexus-bench fanout --url http://127.0.0.1:8080 --server-pid 1234 --subscribers 10000
   nexus-bench idle   --url http://127.0.0.1:18080 --target nchan --server-pid $(cat nginx.pid)
-  nexus-bench authcost --spawn-server target/release/nexus --connections 32 --duration 10";
+  nexus-bench authcost --spawn-server target/release/nexus --connections 32 --duration 10
+  nexus-bench cmdlatency --spawn-server target/release/nexus --devices 8 --rate 20 --duration 15";
 
 #[derive(Parser, Debug)]
 #[command(name = "nexus-bench", version, about = ABOUT, long_about = LONG_ABOUT)]
@@ -159,6 +161,43 @@ server CPU us per request, wall us per request (1/throughput), latency p50 and p
         #[command(flatten)]
         args: authcost::AuthCostArgs,
     },
+    /// Command delivery latency: D devices long-polling for commands; GREEN
+    /// commands proposed at a fixed rate (propose -> device), then RED ones
+    /// proposed and approved (approve -> device); exactly-once checks.
+    #[command(
+        long_about = "Command delivery latency (propose -> device, approve -> device).
+
+Pairs --devices devices; each runs the agent's pull loop: GET /devices/{id}/commands?cursor=&wait=W \
+(long-poll, device bearer; a first pull with wait=0 fetches the cursor), following next_cursor, and \
+acks every command on a second connection with POST /devices/{id}/commands/{cid}/ack \
+{attempt}. Then, as the signed-in user (bearer + tenant headers), it proposes commands with \
+POST /sidecar/command on an open-loop schedule: command n is due at start + n/--rate, for \
+device n % D, on proposer connection n % --propose-connections.
+
+Phase GREEN (--green-type, default fs.read, queued at once): latency = propose request sent -> \
+the device's long-poll response with the command received. Phase RED (--red-type, default \
+shell.exec, pending_approval): right after the 202 the proposer approves with \
+POST /approvals/{id}/decide {decision: approve} as the same user (the tenant's four-eyes \
+rule must be off); latency = approve request sent -> device received (also reported: propose \
+-> device, and the decide request). Each phase runs --warmup s unmeasured first, then \
+--duration s measured, then waits up to --drain-timeout for missing deliveries.
+
+Checks, per command: received exactly once (missing, duplicates), by the device it was \
+proposed for, 202 status queued (GREEN) / pending_approval (RED); RED commands only after \
+their approval was sent, with an `approval` object naming the right approval id and a \
+non-empty signature. Afterwards GET /commands?status=queued|delivered|pending_approval \
+must list none of the run's commands (every delivery acked). Also reports the proposal \
+request latency, ack latency, polls, and server/bench/other CPU per phase.
+
+The in-process mock (mock-server) implements this contract too (GREEN: fs.read, fs.list, \
+system.say, system.info; everything else needs approval), for the harness self-test only."
+    )]
+    Cmdlatency {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        args: cmdlatency::CmdLatencyArgs,
+    },
     /// Print a side-by-side Markdown table (NEXUS vs nchan, with ratios) from
     /// JSON summary files written with --json-out.
     Report {
@@ -168,7 +207,8 @@ server CPU us per request, wall us per request (1/throughput), latency p50 and p
     /// Run a tiny in-memory mock of the NEXUS HTTP contract (harness self-test only).
     #[command(
         long_about = "Run a tiny in-memory mock of the NEXUS HTTP contract used by the bench \
-(pairing, report push, SSE stream, /health/ready). It exists to self-test the harness without a \
+(sign-in, pairing, report push, SSE stream, device lists, commands with approvals and the \
+device long-poll, /health/ready). It exists to self-test the harness without a \
 real server; it is not durable and its numbers mean nothing about NEXUS."
     )]
     MockServer {
@@ -262,7 +302,8 @@ fn main() -> ExitCode {
         Cmd::Ingest { common, .. }
         | Cmd::Fanout { common, .. }
         | Cmd::Idle { common, .. }
-        | Cmd::Authcost { common, .. } => common.threads,
+        | Cmd::Authcost { common, .. }
+        | Cmd::Cmdlatency { common, .. } => common.threads,
         Cmd::MockServer { threads, .. } => *threads,
         Cmd::Report { args } => {
             return match report::run(args.clone()) {
@@ -303,6 +344,7 @@ enum Work {
     Fanout(fanout::FanoutArgs),
     Idle(idle::IdleArgs),
     AuthCost(authcost::AuthCostArgs),
+    CmdLatency(cmdlatency::CmdLatencyArgs),
 }
 
 async fn real_main(cli: Cli, nofile: u64) -> Result<()> {
@@ -336,6 +378,7 @@ async fn real_main(cli: Cli, nofile: u64) -> Result<()> {
         Cmd::Fanout { common, args } => (common, Work::Fanout(args)),
         Cmd::Idle { common, args } => (common, Work::Idle(args)),
         Cmd::Authcost { common, args } => (common, Work::AuthCost(args)),
+        Cmd::Cmdlatency { common, args } => (common, Work::CmdLatency(args)),
     };
 
     let mut spawned = None;
@@ -393,6 +436,7 @@ async fn real_main(cli: Cli, nofile: u64) -> Result<()> {
         Work::Fanout(a) => fanout::run(ctx.clone(), a).await,
         Work::Idle(a) => idle::run(ctx.clone(), a).await,
         Work::AuthCost(a) => authcost::run(ctx.clone(), a).await,
+        Work::CmdLatency(a) => cmdlatency::run(ctx.clone(), a).await,
     };
     if let (Some(s), Err(_)) = (&spawned, &result) {
         eprintln!("server log tail:\n{}", s.log_tail());

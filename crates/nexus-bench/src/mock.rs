@@ -1,6 +1,7 @@
 //! A tiny in-memory stand-in for the NEXUS HTTP contract the bench uses
 //! (web sign-in, org/project creation, pairing, report push, SSE stream, device
-//! list with and without auth, readiness). It exists only to self-test the
+//! list with and without auth, readiness, and commands: propose, approve, the
+//! device's long-poll pull and ack, the command list). It exists only to self-test the
 //! harness when no real server is at hand; it is not a performance reference
 //! (nothing is durable; any email/password signs in, and an access token is
 //! any `mockjwt_…` string, accepted by every mock instance the way JWTs signed
@@ -22,7 +23,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{Notify, broadcast, mpsc};
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -39,6 +40,29 @@ struct Pairing {
     device: Option<(String, String)>, // (device_id, tenant)
 }
 
+/// A proposed command (the mock's policy: `fs.read`, `fs.list`, `system.say` and
+/// `system.info` are GREEN and queued at once, everything else waits for approval).
+struct MockCommand {
+    device: String,
+    /// Queue position, assigned when the command is queued (at approval for RED).
+    seq: Option<u64>,
+    status: &'static str,
+    attempt: u64,
+    /// What the device receives (without `attempt`).
+    body: Value,
+    /// The propose answer, repeated for an idempotent retry.
+    answer: Value,
+}
+
+#[derive(Default)]
+struct Commands {
+    next_seq: u64,
+    by_id: HashMap<String, MockCommand>, // "tenant|command_id"
+    approvals: HashMap<String, (String, bool)>, // approval_id -> (command key, decided)
+}
+
+const MOCK_GREEN: &[&str] = &["fs.read", "fs.list", "system.say", "system.info"];
+
 #[derive(Default)]
 struct State {
     counter: AtomicU64,
@@ -47,6 +71,8 @@ struct State {
     sessions: Mutex<HashMap<String, Session>>, // "tenant|session"
     orgs: Mutex<HashSet<String>>,
     projects: Mutex<HashSet<String>>, // "org:project"
+    commands: Mutex<Commands>,
+    waiters: Mutex<HashMap<String, Arc<Notify>>>, // device_id -> long-polls
 }
 
 /// Serve the mock on `listener` until the task is aborted.
@@ -147,6 +173,309 @@ async fn body_json(req: Request<Incoming>) -> Option<Value> {
 
 fn s(v: &Value, k: &str) -> Option<String> {
     v.get(k)?.as_str().map(str::to_string)
+}
+
+fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// (device_id, tenant) of the request's device token.
+fn device_auth(st: &State, req: &Request<Incoming>) -> Option<(String, String)> {
+    let token = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))?;
+    st.tokens.lock().ok()?.get(token).cloned()
+}
+
+fn waiter(st: &State, device: &str) -> Option<Arc<Notify>> {
+    Some(
+        st.waiters
+            .lock()
+            .ok()?
+            .entry(device.to_string())
+            .or_default()
+            .clone(),
+    )
+}
+
+fn wake(st: &State, device: &str) {
+    if let Some(n) = st.waiters.lock().ok().and_then(|w| w.get(device).cloned()) {
+        n.notify_waiters();
+    }
+}
+
+async fn propose(st: Arc<State>, req: Request<Incoming>, n: u64) -> Response<Body> {
+    if !signed_in(&req) {
+        return unauthorized();
+    }
+    let Some(t) = tenant(&req) else {
+        return err(StatusCode::BAD_REQUEST, "tenant headers");
+    };
+    let Some(v) = body_json(req).await else {
+        return err(StatusCode::BAD_REQUEST, "bad json");
+    };
+    let (Some(cid), Some(kind), Some(device)) =
+        (s(&v, "command_id"), s(&v, "type"), s(&v, "device_id"))
+    else {
+        return err(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "command_id, type, device_id",
+        );
+    };
+    let known = st
+        .tokens
+        .lock()
+        .is_ok_and(|tk| tk.values().any(|(d, dt)| *d == device && *dt == t));
+    if !known {
+        return err(StatusCode::NOT_FOUND, "device_not_found");
+    }
+    let correlation = v
+        .get("client_context")
+        .and_then(|c| s(c, "correlation_id"))
+        .unwrap_or_else(|| format!("corr_{n}"));
+    let Ok(mut cmds) = st.commands.lock() else {
+        return err(StatusCode::INTERNAL_SERVER_ERROR, "lock");
+    };
+    let key = format!("{t}|{cid}");
+    if let Some(c) = cmds.by_id.get(&key) {
+        let mut answer = c.answer.clone();
+        answer["status"] = json!(c.status);
+        return full(StatusCode::ACCEPTED, answer);
+    }
+    let green = MOCK_GREEN.contains(&kind.as_str());
+    let approval_id = (!green).then(|| format!("apr_{n}"));
+    let seq = green.then(|| {
+        cmds.next_seq += 1;
+        cmds.next_seq
+    });
+    let status = if green { "queued" } else { "pending_approval" };
+    let answer = json!({
+        "accepted": true, "command_id": cid, "correlation_id": correlation,
+        "risk": if green { "green" } else { "red" }, "status": status, "approval_id": approval_id,
+    });
+    let body = json!({
+        "command_id": cid, "type": kind, "params": v.get("params").cloned().unwrap_or(json!({})),
+        "context": null, "client_context": {"correlation_id": correlation},
+        "created_at": "2026-01-01T00:00:00Z",
+    });
+    if let Some(aid) = &approval_id {
+        cmds.approvals.insert(aid.clone(), (key.clone(), false));
+    }
+    cmds.by_id.insert(
+        key,
+        MockCommand {
+            device: device.clone(),
+            seq,
+            status,
+            attempt: 0,
+            body,
+            answer: answer.clone(),
+        },
+    );
+    drop(cmds);
+    if green {
+        wake(&st, &device);
+    }
+    full(StatusCode::ACCEPTED, answer)
+}
+
+async fn decide(st: Arc<State>, req: Request<Incoming>, approval_id: String) -> Response<Body> {
+    if !signed_in(&req) {
+        return unauthorized();
+    }
+    let Some(t) = tenant(&req) else {
+        return err(StatusCode::BAD_REQUEST, "tenant headers");
+    };
+    let Some(v) = body_json(req).await else {
+        return err(StatusCode::BAD_REQUEST, "bad json");
+    };
+    let approve = match s(&v, "decision").as_deref() {
+        Some("approve") => true,
+        Some("deny") => false,
+        _ => return err(StatusCode::UNPROCESSABLE_ENTITY, "decision"),
+    };
+    let Ok(mut guard) = st.commands.lock() else {
+        return err(StatusCode::INTERNAL_SERVER_ERROR, "lock");
+    };
+    let cmds = &mut *guard;
+    let Some((key, decided)) = cmds.approvals.get_mut(&approval_id) else {
+        return err(StatusCode::NOT_FOUND, "approval_not_found");
+    };
+    if !key.starts_with(&format!("{t}|")) {
+        return err(StatusCode::NOT_FOUND, "approval_not_found");
+    }
+    if *decided {
+        return err(StatusCode::CONFLICT, "approval_already_decided");
+    }
+    *decided = true;
+    let Some(c) = cmds.by_id.get_mut(key.as_str()) else {
+        return err(StatusCode::INTERNAL_SERVER_ERROR, "no command");
+    };
+    if approve {
+        cmds.next_seq += 1;
+        c.seq = Some(cmds.next_seq);
+        c.status = "queued";
+        c.body["approval"] = json!({
+            "approval_id": approval_id, "approved_by": "mock-user",
+            "approved_at": "2026-01-01T00:00:00Z", "expires_at": "2099-01-01T00:00:00Z",
+            "kid": "mock", "signature": "mock-signature",
+        });
+    } else {
+        c.status = "denied";
+    }
+    let (device, command_id, status) = (c.device.clone(), c.body["command_id"].clone(), c.status);
+    drop(guard);
+    if approve {
+        wake(&st, &device);
+    }
+    full(
+        StatusCode::ACCEPTED,
+        json!({"accepted": true, "approval_id": approval_id,
+               "status": if approve { "approved" } else { "denied" },
+               "command_id": command_id, "command_status": status}),
+    )
+}
+
+/// The device's queued and delivered-but-unacknowledged commands after `after`,
+/// marked delivered with the next attempt.
+fn take_commands(st: &State, tenant: &str, device: &str, after: u64) -> (Vec<Value>, u64) {
+    let Ok(mut cmds) = st.commands.lock() else {
+        return (Vec::new(), after);
+    };
+    let prefix = format!("{tenant}|");
+    let mut due: Vec<(u64, &mut MockCommand)> = cmds
+        .by_id
+        .iter_mut()
+        .filter(|(k, c)| {
+            k.starts_with(&prefix)
+                && c.device == device
+                && matches!(c.status, "queued" | "delivered")
+        })
+        .filter_map(|(_, c)| Some((c.seq?, c)))
+        .filter(|(seq, _)| *seq > after)
+        .collect();
+    due.sort_by_key(|(seq, _)| *seq);
+    let mut next = after;
+    let mut out = Vec::with_capacity(due.len());
+    for (seq, c) in due.into_iter().take(100) {
+        c.status = "delivered";
+        c.attempt += 1;
+        let mut b = c.body.clone();
+        b["attempt"] = json!(c.attempt);
+        out.push(b);
+        next = seq;
+    }
+    (out, next)
+}
+
+async fn pull(st: Arc<State>, req: Request<Incoming>, device: &str) -> Response<Body> {
+    let Some((dev, t)) = device_auth(&st, &req) else {
+        return err(StatusCode::UNAUTHORIZED, "token");
+    };
+    if dev != device {
+        return err(StatusCode::FORBIDDEN, "device");
+    }
+    let q = query(&req);
+    let after = match q.get("cursor").map(String::as_str) {
+        None | Some("") => 0,
+        Some(c) => match c.parse::<u64>() {
+            Ok(c) => c,
+            Err(_) => return err(StatusCode::BAD_REQUEST, "invalid_cursor"),
+        },
+    };
+    let wait = q
+        .get("wait")
+        .and_then(|w| w.parse::<u64>().ok())
+        .unwrap_or(0)
+        .min(30);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(wait);
+    let notify = waiter(&st, &dev);
+    loop {
+        // Created before the read: a command queued in between still wakes us.
+        let notified = notify.as_ref().map(|n| n.notified());
+        let (commands, next) = take_commands(&st, &t, &dev, after);
+        if !commands.is_empty() || tokio::time::Instant::now() >= deadline {
+            return full(
+                StatusCode::OK,
+                json!({"commands": commands, "next_cursor": next.to_string()}),
+            );
+        }
+        match notified {
+            Some(n) => {
+                tokio::select! {
+                    _ = n => {}
+                    _ = tokio::time::sleep_until(deadline) => {}
+                }
+            }
+            None => tokio::time::sleep_until(deadline).await,
+        }
+    }
+}
+
+async fn ack(st: Arc<State>, req: Request<Incoming>, device: &str, cid: &str) -> Response<Body> {
+    let Some((dev, t)) = device_auth(&st, &req) else {
+        return err(StatusCode::UNAUTHORIZED, "token");
+    };
+    if dev != device {
+        return err(StatusCode::FORBIDDEN, "device");
+    }
+    let attempt = body_json(req)
+        .await
+        .and_then(|v| v.get("attempt").and_then(Value::as_u64))
+        .unwrap_or(1);
+    let Ok(mut cmds) = st.commands.lock() else {
+        return err(StatusCode::INTERNAL_SERVER_ERROR, "lock");
+    };
+    let Some(c) = cmds
+        .by_id
+        .get_mut(&format!("{t}|{cid}"))
+        .filter(|c| c.device == dev)
+    else {
+        return err(StatusCode::NOT_FOUND, "command_not_found");
+    };
+    match c.status {
+        "acked" => full(StatusCode::OK, json!({"ok": true})),
+        "delivered" if attempt == c.attempt => {
+            c.status = "acked";
+            full(StatusCode::OK, json!({"ok": true}))
+        }
+        "delivered" => err(StatusCode::CONFLICT, "stale_attempt"),
+        _ => err(StatusCode::CONFLICT, "not_delivered"),
+    }
+}
+
+fn list_commands(st: &State, req: &Request<Incoming>) -> Response<Body> {
+    if !signed_in(req) {
+        return unauthorized();
+    }
+    let Some(t) = tenant(req) else {
+        return err(StatusCode::BAD_REQUEST, "tenant headers");
+    };
+    let q = query(req);
+    let prefix = format!("{t}|");
+    let Ok(cmds) = st.commands.lock() else {
+        return err(StatusCode::INTERNAL_SERVER_ERROR, "lock");
+    };
+    let list: Vec<Value> = cmds
+        .by_id
+        .iter()
+        .filter(|(k, c)| {
+            k.starts_with(&prefix) && q.get("status").is_none_or(|s| s.as_str() == c.status)
+        })
+        .map(|(_, c)| json!({"command_id": c.body["command_id"], "status": c.status, "attempt": c.attempt}))
+        .collect();
+    full(
+        StatusCode::OK,
+        json!({"commands": list, "next_cursor": null}),
+    )
 }
 
 async fn handle(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
@@ -363,6 +692,33 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
                 StatusCode::OK,
                 json!({"accepted": true, "count": ids.len(), "event_ids": ids}),
             )
+        }
+        (Method::POST, "/sidecar/command") => propose(st, req, n).await,
+        (Method::POST, p) if p.starts_with("/approvals/") && p.ends_with("/decide") => {
+            let id = p
+                .trim_start_matches("/approvals/")
+                .trim_end_matches("/decide")
+                .to_string();
+            decide(st, req, id).await
+        }
+        (Method::GET, "/commands") => list_commands(&st, &req),
+        (Method::GET, p) if p.starts_with("/devices/") && p.ends_with("/commands") => {
+            let dev = p
+                .trim_start_matches("/devices/")
+                .trim_end_matches("/commands")
+                .to_string();
+            pull(st, req, &dev).await
+        }
+        (Method::POST, p) if p.starts_with("/devices/") && p.ends_with("/ack") => {
+            let Some((dev, cid)) = p
+                .trim_start_matches("/devices/")
+                .trim_end_matches("/ack")
+                .split_once("/commands/")
+                .map(|(d, c)| (d.to_string(), c.to_string()))
+            else {
+                return err(StatusCode::NOT_FOUND, "no route");
+            };
+            ack(st, req, &dev, &cid).await
         }
         _ => err(StatusCode::NOT_FOUND, "no route"),
     }

@@ -126,6 +126,55 @@ const AUTHCOST: &[Metric] = &[
     ),
 ];
 
+const CMDLATENCY: &[Metric] = &[
+    (
+        "GREEN propose->device p50 ms",
+        "/phases/green/delivery_latency/p50_ms",
+        true,
+    ),
+    (
+        "GREEN propose->device p90 ms",
+        "/phases/green/delivery_latency/p90_ms",
+        true,
+    ),
+    (
+        "GREEN propose->device p99 ms",
+        "/phases/green/delivery_latency/p99_ms",
+        true,
+    ),
+    (
+        "GREEN propose->device max ms",
+        "/phases/green/delivery_latency/max_ms",
+        true,
+    ),
+    (
+        "GREEN propose request p50 ms",
+        "/phases/green/propose_latency/p50_ms",
+        true,
+    ),
+    (
+        "GREEN propose request p99 ms",
+        "/phases/green/propose_latency/p99_ms",
+        true,
+    ),
+    (
+        "RED approve->device p50 ms",
+        "/phases/red/delivery_latency/p50_ms",
+        true,
+    ),
+    (
+        "RED approve->device p99 ms",
+        "/phases/red/delivery_latency/p99_ms",
+        true,
+    ),
+    (
+        "RED decide request p99 ms",
+        "/phases/red/decide_latency/p99_ms",
+        true,
+    ),
+    ("problems (missing, dups, ...)", "/problems", true),
+];
+
 /// Metrics of a benchmark kind, and its runs by target name.
 type Group = (&'static [Metric], BTreeMap<String, Vec<Value>>);
 
@@ -165,6 +214,14 @@ fn key(v: &Value) -> Option<(String, &'static [Metric])> {
                 v.get("open_path")?.as_str()?
             ),
             AUTHCOST,
+        ),
+        "cmdlatency" => (
+            format!(
+                "cmdlatency: {} devices @ {} commands/s",
+                v.get("devices")?,
+                v.get("rate")?
+            ),
+            CMDLATENCY,
         ),
         _ => return None,
     })

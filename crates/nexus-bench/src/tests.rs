@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::common::{BaseUrl, ProcWatch, Target};
 use crate::target::{Ctx, header_lines};
 use crate::webauth::{Credentials, sign_in};
-use crate::{authcost, fanout, idle, ingest, mock};
+use crate::{authcost, cmdlatency, fanout, idle, ingest, mock};
 
 async fn start_mock() -> (String, tokio::task::JoinHandle<anyhow::Result<()>>) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -348,4 +348,101 @@ fn credentials_args() {
         env[1],
         ("NEXUS_BOOTSTRAP_ADMIN_PASSWORD".into(), c.password.clone())
     );
+}
+
+fn cmd_args() -> cmdlatency::CmdLatencyArgs {
+    cmdlatency::CmdLatencyArgs {
+        devices: 3,
+        rate: 40.0,
+        duration: 0.5,
+        warmup: 0.1,
+        wait: 2,
+        propose_connections: 2,
+        green_type: "fs.read".into(),
+        red_type: "shell.exec".into(),
+        drain_timeout: 3.0,
+        linger: 0.1,
+        pause: 0.0,
+        skip_red: false,
+        pair_concurrency: 2,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cmdlatency_against_mock() {
+    let (url, h) = start_mock().await;
+    let v = cmdlatency::run(ctx(&url).await, cmd_args()).await.unwrap();
+    h.abort();
+    assert_eq!(v["bench"], "cmdlatency");
+    assert_eq!(v["problems"], 0, "{v}");
+    for (phase, n) in [
+        ("green", 20),
+        ("red", 20),
+        ("green_warmup", 4),
+        ("red_warmup", 4),
+    ] {
+        let p = &v["phases"][phase];
+        assert_eq!(p["proposed"], n, "{phase}: {v}");
+        assert_eq!(p["delivered"], n, "{phase}: {v}");
+        assert_eq!(p["missing"], 0, "{phase}: {v}");
+        assert_eq!(p["duplicates"], 0, "{phase}: {v}");
+    }
+    let red = &v["phases"]["red"];
+    assert_eq!(red["decide_ok"], 20, "{v}");
+    assert_eq!(red["without_approval"], 0, "{v}");
+    assert_eq!(red["received_before_approval_sent"], 0, "{v}");
+    assert_eq!(red["delivery_latency"]["count"], 20, "{v}");
+    assert_eq!(v["phases"]["green"]["delivery_latency"]["count"], 20, "{v}");
+    assert_eq!(v["devices_stats"]["acks_ok"], 48, "{v}");
+    assert_eq!(v["devices_stats"]["redelivered"], 0, "{v}");
+    for s in ["queued", "delivered", "pending_approval"] {
+        assert_eq!(v["server_unfinished"][s], 0, "{s}: {v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cmdlatency_counts_a_command_that_needs_approval_as_missing() {
+    // The "GREEN" type is RED in the (mock) policy: nothing may reach a device, and the
+    // bench must say so instead of reporting latencies.
+    let (url, h) = start_mock().await;
+    let mut a = cmd_args();
+    a.green_type = "fs.delete".into();
+    a.skip_red = true;
+    a.drain_timeout = 0.2;
+    let v = cmdlatency::run(ctx(&url).await, a).await.unwrap();
+    h.abort();
+    let g = &v["phases"]["green"];
+    assert_eq!(g["status_unexpected"], 20, "{v}");
+    assert_eq!(g["delivered"], 0, "{v}");
+    assert_eq!(g["delivery_latency"]["count"], 0, "{v}");
+    assert_eq!(v["server_unfinished"]["pending_approval"], 24, "{v}");
+    assert!(v["problems"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["phases"].get("red").is_none(), "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cmdlatency_refuses_without_login() {
+    let (url, h) = start_mock().await;
+    let e = cmdlatency::run(Arc::new(ctx_anonymous(&url)), cmd_args())
+        .await
+        .unwrap_err();
+    h.abort();
+    assert!(format!("{e:#}").contains("--no-login"), "{e:#}");
+}
+
+#[test]
+fn cmdlatency_args() {
+    use clap::Parser;
+    let argv = ["nexus-bench", "cmdlatency", "--url", "http://127.0.0.1:1"];
+    match crate::Cli::try_parse_from(argv).unwrap().cmd {
+        crate::Cmd::Cmdlatency { args, .. } => {
+            assert_eq!(args.devices, 8);
+            assert_eq!(args.rate, 20.0);
+            assert_eq!(args.wait, 25);
+            assert_eq!(args.green_type, "fs.read");
+            assert_eq!(args.red_type, "shell.exec");
+            assert!(!args.skip_red);
+        }
+        other => panic!("parsed as {other:?}"),
+    }
 }
