@@ -416,6 +416,18 @@ impl CommandService {
             .command(tenant, &approval.command_id)
             .await?
             .ok_or_else(not_found)?;
+        if approve
+            && self
+                .store
+                .device(tenant, &record.device_id)
+                .await?
+                .is_none()
+        {
+            return Err(CoreError::conflict(
+                "device_gone",
+                "the device of this command was deleted; deny the approval instead",
+            ));
+        }
         let (queue, deadline) = if approve {
             let expires = now.saturating_add(secs(policy.delivery_ttl_secs));
             let grant = self.grant(&record, &approval, principal, now, expires)?;
@@ -731,6 +743,12 @@ impl CommandService {
                 Ok(())
             }
             AckOutcome::AlreadyAcked(_) => Ok(()),
+            AckOutcome::StaleAttempt(record) if record.attempt == attempt => {
+                Err(CoreError::conflict(
+                    "command_ended",
+                    format!("this command has ended ({}); do not run it", record.status),
+                ))
+            }
             AckOutcome::StaleAttempt(record) => Err(CoreError::conflict(
                 "stale_attempt",
                 format!(
