@@ -1,0 +1,270 @@
+//! The gate in front of every command: deadlines, and for RED commands (by the server's policy
+//! or by this device's own `local_red` list) a server approval signature that this device checks
+//! itself against keys pinned at pairing. A row written into the server's database by anyone who
+//! does not hold the server's signing key can therefore never run a RED command here.
+
+use std::fmt;
+
+use chrono::DateTime;
+use nexus_domain::approval::approval_signing_input;
+use nexus_domain::{DeviceCommand, DeviceId, Risk};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::config::AgentConfig;
+
+/// Why the agent will not run a command. `code` is stable and machine-readable (it goes into
+/// the report); `reason` is for humans.
+///
+/// Codes: `unsigned_red`, `bad_signature`, `approval_expired`, `unknown_key`,
+/// `deadline_passed`, `not_allowlisted`, `disabled`, `path_escape`, `special_file`,
+/// `too_large`, `bad_params`, `not_found`, `exists`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {reason}")]
+pub struct Refusal {
+    pub code: &'static str,
+    pub reason: String,
+}
+
+impl Refusal {
+    pub fn new(code: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// One pinned Ed25519 public key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerKey {
+    pub kid: String,
+    /// base64url raw public key (the JWK `x` member); checked to be a valid key on parse.
+    pub x: String,
+}
+
+/// The server's public keys as given at pairing (`CompletePairingResponse.server_keys`).
+/// Serialises as a JWK Set and deserialises through [`ServerKeys::from_jwks`], so a stored
+/// copy is validated again when it is read back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "Value", into = "Value")]
+pub struct ServerKeys {
+    keys: Vec<ServerKey>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeysError {
+    #[error("the JWK Set has no \"keys\" array")]
+    NotAKeySet,
+    #[error("the JWK Set has no usable Ed25519 key")]
+    NoUsableKey,
+    #[error("key {index} of the JWK Set is malformed: {reason}")]
+    BadKey { index: usize, reason: &'static str },
+}
+
+impl ServerKeys {
+    /// Parses a JWK Set (`{"keys":[{"kty":"OKP","crv":"Ed25519","x":..,"kid":..}]}`). Keys of
+    /// other types are skipped (a future server may publish them); a malformed Ed25519 key or a
+    /// set without any Ed25519 key is an error.
+    pub fn from_jwks(jwks: &Value) -> Result<Self, KeysError> {
+        let entries = jwks
+            .get("keys")
+            .and_then(Value::as_array)
+            .ok_or(KeysError::NotAKeySet)?;
+        let mut keys = Vec::new();
+        for (index, entry) in entries.iter().enumerate() {
+            let field = |name| entry.get(name).and_then(Value::as_str);
+            if field("kty") != Some("OKP") || field("crv") != Some("Ed25519") {
+                continue;
+            }
+            if field("use").is_some_and(|u| u != "sig") {
+                continue;
+            }
+            let kid = field("kid")
+                .filter(|k| !k.is_empty())
+                .ok_or(KeysError::BadKey {
+                    index,
+                    reason: "no kid",
+                })?;
+            let x = field("x").ok_or(KeysError::BadKey {
+                index,
+                reason: "no x",
+            })?;
+            if nexus_auth::jwt::verifying_key_from_jwk_x(x).is_none() {
+                return Err(KeysError::BadKey {
+                    index,
+                    reason: "x is not an Ed25519 public key",
+                });
+            }
+            keys.push(ServerKey {
+                kid: kid.to_owned(),
+                x: x.to_owned(),
+            });
+        }
+        if keys.is_empty() {
+            return Err(KeysError::NoUsableKey);
+        }
+        Ok(Self { keys })
+    }
+
+    /// The keys as a JWK Set again.
+    pub fn to_jwks(&self) -> Value {
+        let keys: Vec<Value> = self
+            .keys
+            .iter()
+            .map(|k| {
+                serde_json::json!({
+                    "kty": "OKP", "crv": "Ed25519", "x": k.x, "kid": k.kid,
+                    "alg": "EdDSA", "use": "sig",
+                })
+            })
+            .collect();
+        serde_json::json!({ "keys": keys })
+    }
+
+    pub fn keys(&self) -> &[ServerKey] {
+        &self.keys
+    }
+
+    pub fn kids(&self) -> impl Iterator<Item = &str> {
+        self.keys.iter().map(|k| k.kid.as_str())
+    }
+
+    /// Checks a detached base64url signature by the key `kid`; `None` when `kid` is unknown.
+    pub fn verify(&self, kid: &str, message: &[u8], signature: &str) -> Option<bool> {
+        let key = self.keys.iter().find(|k| k.kid == kid)?;
+        let vk = nexus_auth::jwt::verifying_key_from_jwk_x(&key.x)?;
+        Some(nexus_auth::jwt::verify_detached_with(
+            &vk, message, signature,
+        ))
+    }
+}
+
+impl TryFrom<Value> for ServerKeys {
+    type Error = KeysError;
+    fn try_from(value: Value) -> Result<Self, KeysError> {
+        Self::from_jwks(&value)
+    }
+}
+
+impl From<ServerKeys> for Value {
+    fn from(keys: ServerKeys) -> Value {
+        keys.to_jwks()
+    }
+}
+
+impl fmt::Display for ServerKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kids: Vec<&str> = self.kids().collect();
+        write!(f, "{}", kids.join(", "))
+    }
+}
+
+fn parse_rfc3339_ms(raw: &str) -> Option<i64> {
+    DateTime::parse_from_rfc3339(raw)
+        .ok()
+        .map(|t| t.timestamp_millis())
+}
+
+/// Whether the command may start now on this device. Checks, in order: the delivery deadline
+/// (`run_before`); then, if the command is RED by the server's policy or by `local.local_red`,
+/// that it carries an approval grant whose approval id matches the policy's, signed by a pinned
+/// key over exactly this command id, device id, type, params, approval id and expiry, and not
+/// yet expired. A grant on a command that does not need one is checked too: a forged or
+/// mismatched grant is evidence of tampering, never something to ignore.
+pub fn check(
+    cmd: &DeviceCommand,
+    device_id: &DeviceId,
+    keys: &ServerKeys,
+    local: &AgentConfig,
+    now_unix_ms: i64,
+) -> Result<(), Refusal> {
+    if let Some(run_before) = &cmd.run_before {
+        let deadline = parse_rfc3339_ms(run_before).ok_or_else(|| {
+            Refusal::new(
+                "bad_params",
+                format!("run_before {run_before:?} is not an RFC 3339 time"),
+            )
+        })?;
+        if now_unix_ms > deadline {
+            return Err(Refusal::new(
+                "deadline_passed",
+                format!("the command had to start before {run_before}"),
+            ));
+        }
+    }
+
+    let locally_red = local.is_locally_red(&cmd.command_type);
+    let needs_approval = locally_red || cmd.policy.risk == Risk::Red;
+    let Some(grant) = &cmd.approval else {
+        if needs_approval {
+            let why = if cmd.policy.risk == Risk::Red {
+                "the server marks it RED"
+            } else {
+                "this device's local policy treats it as RED"
+            };
+            return Err(Refusal::new(
+                "unsigned_red",
+                format!(
+                    "{} needs a signed approval ({why}) and none came with it",
+                    cmd.command_type
+                ),
+            ));
+        }
+        return Ok(());
+    };
+
+    if let Some(expected) = &cmd.policy.approval_id
+        && expected != grant.approval_id.as_str()
+    {
+        return Err(Refusal::new(
+            "bad_signature",
+            format!(
+                "the approval grant is for {} but the command names approval {expected}",
+                grant.approval_id
+            ),
+        ));
+    }
+    let message = approval_signing_input(
+        &cmd.command_id,
+        device_id,
+        &cmd.command_type,
+        &cmd.params,
+        &grant.approval_id,
+        &grant.expires_at,
+    );
+    match keys.verify(&grant.kid, &message, &grant.signature) {
+        None => {
+            return Err(Refusal::new(
+                "unknown_key",
+                format!(
+                    "the approval is signed by key {:?}, which is not among the server keys pinned at pairing ({keys})",
+                    grant.kid
+                ),
+            ));
+        }
+        Some(false) => {
+            return Err(Refusal::new(
+                "bad_signature",
+                "the approval signature does not match this command on this device",
+            ));
+        }
+        Some(true) => {}
+    }
+    let expires = parse_rfc3339_ms(&grant.expires_at).ok_or_else(|| {
+        Refusal::new(
+            "bad_params",
+            format!(
+                "approval expires_at {:?} is not an RFC 3339 time",
+                grant.expires_at
+            ),
+        )
+    })?;
+    if now_unix_ms >= expires {
+        return Err(Refusal::new(
+            "approval_expired",
+            format!("the approval expired at {}", grant.expires_at),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,1 @@
+//! Agent runtime: `cli` (placeholder; filled in by the runtime work).

@@ -1,0 +1,1 @@
+//! Agent runtime: `client` (placeholder; filled in by the runtime work).

@@ -1,0 +1,1 @@
+//! Agent runtime: `credentials` (placeholder; filled in by the runtime work).

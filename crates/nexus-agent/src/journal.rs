@@ -1,0 +1,1 @@
+//! Agent runtime: `journal` (placeholder; filled in by the runtime work).

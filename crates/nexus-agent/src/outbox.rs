@@ -1,0 +1,1 @@
+//! Agent runtime: `outbox` (placeholder; filled in by the runtime work).

@@ -1,0 +1,1 @@
+//! Agent runtime: `runner` (placeholder; filled in by the runtime work).
