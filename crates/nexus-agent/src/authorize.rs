@@ -268,3 +268,327 @@ pub fn check(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use nexus_auth::jwt::KeyRing;
+    use nexus_domain::approval::{ApprovalGrant, ApprovalId};
+    use nexus_domain::command::{ClientContext, CommandPolicy};
+    use nexus_domain::time::rfc3339;
+    use nexus_domain::{CommandId, UserId};
+    use serde_json::json;
+
+    use super::*;
+
+    const NOW: i64 = 1_800_000_000_000;
+
+    struct Setup {
+        ring: KeyRing,
+        keys: ServerKeys,
+        device: DeviceId,
+        config: AgentConfig,
+    }
+
+    fn setup() -> Setup {
+        let ring = KeyRing::ephemeral();
+        let keys = ServerKeys::from_jwks(&ring.jwks()).unwrap();
+        Setup {
+            ring,
+            keys,
+            device: DeviceId::generate(),
+            config: AgentConfig::default(),
+        }
+    }
+
+    fn command(kind: &str, risk: Risk, params: Value) -> DeviceCommand {
+        DeviceCommand {
+            command_id: CommandId::generate(),
+            command_type: kind.to_owned(),
+            params,
+            context: Value::Null,
+            client_context: ClientContext::default(),
+            policy: CommandPolicy {
+                risk,
+                approval_id: None,
+            },
+            created_at: rfc3339(NOW - 1000),
+            attempt: 1,
+            run_before: None,
+            approval: None,
+        }
+    }
+
+    /// Approves `cmd` for `device` as the server would, valid until `expires_at_ms`.
+    fn approve(ring: &KeyRing, cmd: &mut DeviceCommand, device: &DeviceId, expires_at_ms: i64) {
+        let approval_id = ApprovalId::generate();
+        let expires_at = rfc3339(expires_at_ms);
+        let input = approval_signing_input(
+            &cmd.command_id,
+            device,
+            &cmd.command_type,
+            &cmd.params,
+            &approval_id,
+            &expires_at,
+        );
+        let (kid, signature) = ring.sign_detached(&input).unwrap();
+        cmd.policy.approval_id = Some(approval_id.as_str().to_owned());
+        cmd.approval = Some(ApprovalGrant {
+            approval_id,
+            approved_by: UserId::generate(),
+            approved_at: rfc3339(NOW - 500),
+            expires_at,
+            kid,
+            signature,
+        });
+    }
+
+    fn code(r: Result<(), Refusal>) -> &'static str {
+        r.unwrap_err().code
+    }
+
+    fn red() -> DeviceCommand {
+        command("shell.exec", Risk::Red, json!({"argv": ["echo", "hi"]}))
+    }
+
+    #[test]
+    fn green_without_approval_runs() {
+        let s = setup();
+        let cmd = command("fs.read", Risk::Green, json!({"path": "a.txt"}));
+        assert!(check(&cmd, &s.device, &s.keys, &s.config, NOW).is_ok());
+        let cmd = command("fs.write", Risk::Yellow, json!({"path": "a.txt"}));
+        assert!(check(&cmd, &s.device, &s.keys, &s.config, NOW).is_ok());
+    }
+
+    #[test]
+    fn signed_red_runs() {
+        let s = setup();
+        let mut cmd = red();
+        approve(&s.ring, &mut cmd, &s.device, NOW + 60_000);
+        assert!(check(&cmd, &s.device, &s.keys, &s.config, NOW).is_ok());
+        // A stored-and-reloaded copy of the keys works the same.
+        let stored = serde_json::to_string(&s.keys).unwrap();
+        let keys: ServerKeys = serde_json::from_str(&stored).unwrap();
+        assert_eq!(keys, s.keys);
+        assert!(check(&cmd, &s.device, &keys, &s.config, NOW).is_ok());
+    }
+
+    #[test]
+    fn unsigned_red_is_refused() {
+        let s = setup();
+        assert_eq!(
+            code(check(&red(), &s.device, &s.keys, &s.config, NOW)),
+            "unsigned_red"
+        );
+        // RED by the server even though nothing in the local list says so.
+        let cmd = command("custom.thing", Risk::Red, json!({}));
+        assert_eq!(
+            code(check(&cmd, &s.device, &s.keys, &s.config, NOW)),
+            "unsigned_red"
+        );
+    }
+
+    #[test]
+    fn locally_red_needs_a_signature_even_if_the_server_says_green() {
+        let s = setup();
+        for kind in [
+            "fs.delete",
+            "shell.exec",
+            "system.settings.wifi",
+            "email.send",
+        ] {
+            let cmd = command(kind, Risk::Green, json!({"path": "x"}));
+            assert_eq!(
+                code(check(&cmd, &s.device, &s.keys, &s.config, NOW)),
+                "unsigned_red",
+                "{kind}"
+            );
+        }
+        let mut cmd = command("fs.delete", Risk::Green, json!({"path": "x"}));
+        approve(&s.ring, &mut cmd, &s.device, NOW + 60_000);
+        assert!(check(&cmd, &s.device, &s.keys, &s.config, NOW).is_ok());
+        // And a local list can add types.
+        let strict = AgentConfig {
+            local_red: vec!["fs.*".into()],
+            ..AgentConfig::default()
+        };
+        let cmd = command("fs.read", Risk::Green, json!({"path": "x"}));
+        assert_eq!(
+            code(check(&cmd, &s.device, &s.keys, &strict, NOW)),
+            "unsigned_red"
+        );
+    }
+
+    #[test]
+    fn tampering_breaks_the_signature() {
+        let s = setup();
+        let mut cmd = red();
+        approve(&s.ring, &mut cmd, &s.device, NOW + 60_000);
+
+        let mut params = cmd.clone();
+        params.params = json!({"argv": ["rm", "-rf", "/"]});
+        let mut kind = cmd.clone();
+        kind.command_type = "fs.delete".into();
+        let mut id = cmd.clone();
+        id.command_id = CommandId::generate();
+        let mut expiry = cmd.clone();
+        expiry.approval.as_mut().unwrap().expires_at = rfc3339(NOW + 3_600_000);
+        let mut sig = cmd.clone();
+        let grant = sig.approval.as_mut().unwrap();
+        let mut bytes = grant.signature.clone().into_bytes();
+        bytes[3] = if bytes[3] == b'A' { b'B' } else { b'A' };
+        grant.signature = String::from_utf8(bytes).unwrap();
+        let mut garbage = cmd.clone();
+        garbage.approval.as_mut().unwrap().signature = "not base64 !".into();
+        for (what, c) in [
+            ("params", params),
+            ("type", kind),
+            ("command id", id),
+            ("expiry", expiry),
+            ("signature", sig),
+            ("garbage", garbage),
+        ] {
+            assert_eq!(
+                code(check(&c, &s.device, &s.keys, &s.config, NOW)),
+                "bad_signature",
+                "{what}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_approval_for_another_device_does_not_run_here() {
+        let s = setup();
+        let mut cmd = red();
+        approve(&s.ring, &mut cmd, &DeviceId::generate(), NOW + 60_000);
+        assert_eq!(
+            code(check(&cmd, &s.device, &s.keys, &s.config, NOW)),
+            "bad_signature"
+        );
+    }
+
+    #[test]
+    fn a_grant_for_another_approval_id_is_refused() {
+        let s = setup();
+        let mut cmd = red();
+        approve(&s.ring, &mut cmd, &s.device, NOW + 60_000);
+        cmd.policy.approval_id = Some(ApprovalId::generate().as_str().to_owned());
+        assert_eq!(
+            code(check(&cmd, &s.device, &s.keys, &s.config, NOW)),
+            "bad_signature"
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_refused() {
+        let s = setup();
+        let other = KeyRing::ephemeral();
+        let mut cmd = red();
+        approve(&other, &mut cmd, &s.device, NOW + 60_000);
+        assert_eq!(
+            code(check(&cmd, &s.device, &s.keys, &s.config, NOW)),
+            "unknown_key"
+        );
+        // A signature by another key under a pinned kid is a bad signature.
+        let mut cmd = red();
+        approve(&other, &mut cmd, &s.device, NOW + 60_000);
+        cmd.approval.as_mut().unwrap().kid = s.ring.signing_kid().unwrap().to_owned();
+        assert_eq!(
+            code(check(&cmd, &s.device, &s.keys, &s.config, NOW)),
+            "bad_signature"
+        );
+    }
+
+    #[test]
+    fn expired_approval_is_refused() {
+        let s = setup();
+        let mut cmd = red();
+        approve(&s.ring, &mut cmd, &s.device, NOW - 1);
+        assert_eq!(
+            code(check(&cmd, &s.device, &s.keys, &s.config, NOW)),
+            "approval_expired"
+        );
+        let mut cmd = red();
+        approve(&s.ring, &mut cmd, &s.device, NOW);
+        assert_eq!(
+            code(check(&cmd, &s.device, &s.keys, &s.config, NOW)),
+            "approval_expired"
+        );
+    }
+
+    #[test]
+    fn a_forged_grant_on_a_green_command_is_still_refused() {
+        let s = setup();
+        let mut cmd = command("fs.read", Risk::Green, json!({"path": "a"}));
+        approve(&KeyRing::ephemeral(), &mut cmd, &s.device, NOW + 60_000);
+        assert_eq!(
+            code(check(&cmd, &s.device, &s.keys, &s.config, NOW)),
+            "unknown_key"
+        );
+    }
+
+    #[test]
+    fn run_before_is_a_deadline() {
+        let s = setup();
+        let mut cmd = command("fs.read", Risk::Green, json!({"path": "a"}));
+        cmd.run_before = Some(rfc3339(NOW - 1));
+        assert_eq!(
+            code(check(&cmd, &s.device, &s.keys, &s.config, NOW)),
+            "deadline_passed"
+        );
+        cmd.run_before = Some(rfc3339(NOW + 1000));
+        assert!(check(&cmd, &s.device, &s.keys, &s.config, NOW).is_ok());
+        cmd.run_before = Some("tomorrow".into());
+        assert_eq!(
+            code(check(&cmd, &s.device, &s.keys, &s.config, NOW)),
+            "bad_params"
+        );
+        // A valid approval does not outlive the delivery deadline.
+        let mut cmd = red();
+        approve(&s.ring, &mut cmd, &s.device, NOW + 60_000);
+        cmd.run_before = Some(rfc3339(NOW - 1));
+        assert_eq!(
+            code(check(&cmd, &s.device, &s.keys, &s.config, NOW)),
+            "deadline_passed"
+        );
+    }
+
+    #[test]
+    fn jwks_parsing() {
+        let ring = KeyRing::ephemeral();
+        let keys = ServerKeys::from_jwks(&ring.jwks()).unwrap();
+        assert_eq!(
+            keys.kids().collect::<Vec<_>>(),
+            vec![ring.signing_kid().unwrap()]
+        );
+        assert_eq!(ServerKeys::from_jwks(&keys.to_jwks()).unwrap(), keys);
+        assert_eq!(
+            ServerKeys::from_jwks(&json!({})),
+            Err(KeysError::NotAKeySet)
+        );
+        assert_eq!(
+            ServerKeys::from_jwks(&json!({"keys": []})),
+            Err(KeysError::NoUsableKey)
+        );
+        assert_eq!(
+            ServerKeys::from_jwks(
+                &json!({"keys": [{"kty": "RSA", "n": "x", "e": "AQAB", "kid": "r"}]})
+            ),
+            Err(KeysError::NoUsableKey)
+        );
+        assert!(matches!(
+            ServerKeys::from_jwks(
+                &json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "AAAA", "kid": "k"}]})
+            ),
+            Err(KeysError::BadKey { index: 0, .. })
+        ));
+        let mut jwks = ring.jwks();
+        jwks["keys"][0].as_object_mut().unwrap().remove("kid");
+        assert!(matches!(
+            ServerKeys::from_jwks(&jwks),
+            Err(KeysError::BadKey { index: 0, .. })
+        ));
+        // Deserialising validates too.
+        assert!(serde_json::from_value::<ServerKeys>(json!({"keys": []})).is_err());
+    }
+}
