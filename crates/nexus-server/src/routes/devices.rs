@@ -277,6 +277,32 @@ pub async fn delete(
     Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
+/// The device unpairs itself (`nexus agent unpair`): the device is deleted exactly as by a user's
+/// `DELETE /devices/{id}` (its tokens stop working at once, on every replica), audited with the
+/// device as the actor. A device token can only remove its own device.
+#[utoipa::path(post, path = "/devices/{id}/unpair", tag = "devices",
+    params(("id" = String, Path)), security(("device_token" = [])),
+    responses((status = 204, description = "deleted"), (status = 401, body = nexus_api::Problem),
+              (status = 404, body = nexus_api::Problem)))]
+pub async fn unpair(
+    State(state): State<AppState>,
+    Device(device): Device,
+    Meta(meta): Meta,
+) -> ApiResult<axum::http::StatusCode> {
+    state
+        .services
+        .devices
+        .delete(
+            nexus_domain::audit::Actor::device(&device.device_id),
+            &device.tenant,
+            &device.device_id,
+            &meta,
+            now_millis(),
+        )
+        .await?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
 /// A device trades its refresh token for a new token pair (both rotate). Presenting a refresh
 /// token that was already used revokes all of the device's tokens (it must pair again).
 #[utoipa::path(post, path = "/devices/token/refresh", tag = "devices",

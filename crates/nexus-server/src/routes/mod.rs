@@ -95,6 +95,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(devices::commands))
         .routes(routes!(devices::ack))
         .routes(routes!(devices::push_reports))
+        .routes(routes!(devices::unpair))
         .routes(routes!(stream::stream))
         .routes(routes!(health::health))
         .routes(routes!(health::live))

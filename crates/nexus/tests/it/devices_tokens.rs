@@ -519,3 +519,79 @@ async fn a_device_refresh_token_cannot_be_spent_twice_by_racing() {
     }
     assert!(working <= 1, "{working} tokens work");
 }
+
+#[tokio::test]
+async fn a_device_unpairs_itself_and_only_itself() {
+    let server = TestServer::start().await;
+    let device = server.pair_device("pc").await;
+    let other = server.pair_device("other").await;
+
+    // Another device's token cannot remove this device; no token at all is 401.
+    let r = server
+        .http
+        .post(server.url(&format!("/devices/{}/unpair", device.id)))
+        .bearer_auth(&other.token)
+        .send()
+        .await
+        .expect("unpair");
+    let (s, b) = status_json(r).await;
+    assert_problem(s, &b, 404, "device_not_found");
+    let r = server
+        .http
+        .post(server.url(&format!("/devices/{}/unpair", device.id)))
+        .send()
+        .await
+        .expect("unpair");
+    let (s, b) = status_json(r).await;
+    assert_problem(s, &b, 401, "invalid_token");
+
+    let r = server
+        .device(Method::POST, &device, "/unpair")
+        .send()
+        .await
+        .expect("unpair");
+    assert_eq!(r.status(), 204);
+    let (s, b) = heartbeat(&server, &device.id, &device.token).await;
+    assert_problem(s, &b, 401, "invalid_token");
+    let (s, _) = refresh_device(&server, &device.id, &device.refresh_token).await;
+    assert_eq!(s, 401, "an unpaired device cannot refresh its way back");
+    let (s, b) = status_json(
+        server
+            .web(Method::GET, &format!("/devices/{}", device.id))
+            .send()
+            .await
+            .expect("get"),
+    )
+    .await;
+    assert_problem(s, &b, 404, "device_not_found");
+    // Unpairing twice: the token is gone, so the second call is 401.
+    let (s, b) = status_json(
+        server
+            .device(Method::POST, &device, "/unpair")
+            .send()
+            .await
+            .expect("unpair"),
+    )
+    .await;
+    assert_problem(s, &b, 401, "invalid_token");
+    assert_eq!(heartbeat(&server, &other.id, &other.token).await.0, 200);
+
+    let (_, logs) = status_json(
+        server
+            .web(Method::GET, "/audit/logs?limit=500")
+            .send()
+            .await
+            .expect("audit"),
+    )
+    .await;
+    let entry = logs["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .find(|e| e["action"] == "device.delete")
+        .unwrap_or_else(|| panic!("device.delete in {logs}"))
+        .clone();
+    assert_eq!(entry["actor"], json!({"type": "device", "id": device.id}));
+    assert_eq!(entry["target"], json!({"type": "device", "id": device.id}));
+    assert_eq!(entry["result"], "success");
+}

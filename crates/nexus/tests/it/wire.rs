@@ -249,7 +249,7 @@ async fn openapi_document_lists_every_endpoint() {
         "/health/ready",
         "/devtools/emit_report",
         "/devtools/devices",
-        "/devtools/enqueue_command",
+        "/devices/{id}/unpair",
         "/devices",
         "/devices/pairing/preview",
         "/devices/token/refresh",
