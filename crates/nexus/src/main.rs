@@ -1,5 +1,5 @@
-//! `nexus`: one binary for the control plane (`nexus server`) and, later, the device agent and the
-//! admin commands. `main` stays thin: parse the command line, set up logging, pick the backend, run.
+//! `nexus`: one binary for the control plane (`nexus server`), the device agent (`nexus agent`)
+//! and the admin commands. `main` stays thin: parse the command line, set up logging, pick the backend, run.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -41,6 +41,8 @@ enum Command {
     /// The audit trail.
     #[command(subcommand)]
     Audit(admin::AuditCommand),
+    /// The device agent: `nexus agent pair --server URL`, then `nexus agent run`.
+    Agent(nexus_agent::cli::AgentArgs),
     /// Print the OpenAPI 3.1 document of the HTTP API (or, with --markdown, the API reference).
     Openapi {
         /// Render the Markdown reference (docs/API.md) instead of JSON.
@@ -121,6 +123,7 @@ fn main() -> anyhow::Result<()> {
             nexus_server::telemetry::init("warn");
             runtime()?.block_on(admin::audit(command))
         }
+        Command::Agent(args) => nexus_agent::cli::main(args),
         Command::Server(config) => {
             nexus_server::telemetry::init(&config.log);
             raise_open_file_limit();
