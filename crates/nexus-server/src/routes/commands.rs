@@ -123,6 +123,7 @@ pub async fn propose(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct CommandsListQuery {
     pub status: Option<String>,
     pub device_id: Option<String>,
@@ -235,6 +236,7 @@ pub async fn repropose(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ApprovalsQuery {
     /// `pending`, `approved`, `denied` or `expired`.
     pub status: Option<String>,
