@@ -965,7 +965,7 @@ pub fn status_report(record: &CommandRecord, approval: Option<&Approval>, now: M
             "mode": "system",
             "approval_level": level,
             "confidence": 1.0,
-            "report_id": format!("srv_{}_{}_{}", record.id, status.as_str(), record.attempt),
+            "report_id": format!("{}{}_{}_{}", crate::reports::SERVER_REPORT_ID_PREFIX, record.id, status.as_str(), record.attempt),
             "created_at": rfc3339(now),
             "session_id": record.session_id.as_str(),
             "user_id": record.requested_by.as_str(),
