@@ -162,6 +162,7 @@ async fn pair_across(a: &TestServer, b: &TestServer, name: &str) -> PairedDevice
         id: done["device_id"].as_str().expect("id").to_owned(),
         token: done["device_token"].as_str().expect("token").to_owned(),
         refresh_token: done["refresh_token"].as_str().expect("refresh").to_owned(),
+        server_keys: done["server_keys"].clone(),
     }
 }
 
