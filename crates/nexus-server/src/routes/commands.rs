@@ -216,7 +216,8 @@ pub async fn cancel(
 }
 
 /// Proposes an expired, denied, cancelled or timed-out command again (new command id, linked to
-/// the old one through `replaces`).
+/// the old one through `replaces`). A command is re-proposed once: asking again (a double click,
+/// a colleague) returns that same re-proposal.
 #[utoipa::path(post, path = "/commands/{id}/repropose", tag = "commands", security(("bearer" = [])),
     params(("id" = String, Path), ("x-org-id" = String, Header), ("x-project-id" = String, Header)),
     responses((status = 202, body = ProposeCommandResponse), (status = 404, body = nexus_api::Problem),
