@@ -2076,3 +2076,86 @@ async fn devices_cannot_squat_the_ids_of_the_servers_status_reports() {
     );
     assert_eq!(asked["ask"][0]["severity"], "red", "{asked}");
 }
+
+/// A double click on "ask again" must not put the same risky command up for approval twice
+/// (approving both would run it twice): an ended command has at most one re-proposal.
+#[tokio::test]
+async fn reproposing_twice_asks_once() {
+    let server = TestServer::start().await;
+    let device = server.pair_device("pc").await;
+    let operator = server.new_member(ORG, "rex@nexus.test", "operator").await;
+    let body = proposal(&device, "fs.delete", json!({"path": "/tmp/x"}), "s-again");
+    let answer = propose(&server, &body).await;
+    let old = s_owned(&body["command_id"]);
+    let (s, _) = decide_as(&server, &operator.token, st(&answer["approval_id"]), "deny").await;
+    assert_eq!(s, 202);
+
+    let repropose = || send(server.web(Method::POST, &format!("/commands/{old}/repropose")));
+    let (first, second) = tokio::join!(repropose(), repropose());
+    assert_eq!(first.0, 202, "{first:?}");
+    assert_eq!(second.0, 202, "{second:?}");
+    assert_eq!(first.1, second.1, "both clicks get the same re-proposal");
+    let third = repropose().await;
+    assert_eq!(third, first);
+    let (_, pending) = get_as(&server, &server.admin_token, "/approvals?status=pending").await;
+    assert_eq!(
+        pending["approvals"].as_array().expect("list").len(),
+        1,
+        "{pending}"
+    );
+    let (_, list) = get_as(&server, &server.admin_token, "/commands").await;
+    let replacing = list["commands"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter(|c| c["replaces"] == old.as_str())
+        .count();
+    assert_eq!(replacing, 1, "{list}");
+    // A colleague asking again gets the same re-proposal, not a second one.
+    let (s, b) = send(server.as_user(
+        &operator.token,
+        Method::POST,
+        &format!("/commands/{old}/repropose"),
+    ))
+    .await;
+    assert_eq!((s, &b), (202, &first.1));
+    let (_, list) = get_as(&server, &server.admin_token, "/commands").await;
+    assert_eq!(
+        list["commands"].as_array().expect("list").len(),
+        2,
+        "{list}"
+    );
+}
+
+#[tokio::test]
+async fn commands_of_a_deleted_device_cannot_be_approved() {
+    let server = TestServer::start().await;
+    let device = server.pair_device("pc").await;
+    let body = proposal(&device, "shell.exec", json!({"cmd": "x"}), "s-gone");
+    let answer = propose(&server, &body).await;
+    let approval_id = s_owned(&answer["approval_id"]);
+    let r = server
+        .web(Method::DELETE, &format!("/devices/{}", device.id))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), 204);
+    let (s, b) = decide_as(&server, &server.admin_token, &approval_id, "approve").await;
+    assert_problem(s, &b, 409, "device_gone");
+    assert_eq!(approval(&server, &approval_id).await["status"], "pending");
+    let (s, b) = decide_as(&server, &server.admin_token, &approval_id, "deny").await;
+    assert_eq!(s, 202, "{b}");
+    let (s, b) = propose_as(
+        &server,
+        &server.admin_token,
+        &proposal(&device, "fs.read", json!({}), "s-gone"),
+    )
+    .await;
+    assert_problem(s, &b, 404, "device_not_found");
+    let (s, b) = send(server.web(
+        Method::POST,
+        &format!("/commands/{}/repropose", st(&body["command_id"])),
+    ))
+    .await;
+    assert_problem(s, &b, 404, "device_not_found");
+}
