@@ -741,7 +741,13 @@ async fn an_untouched_approval_expires_by_itself_and_can_be_reproposed() {
         .collect();
     assert_eq!(expiries.len(), 3, "{expiries:?}");
     for e in &expiries {
-        assert_eq!(e["actor"]["type"], "system", "{e}");
+        assert_eq!(e["actor"], json!({"type": "system", "id": "nexus"}), "{e}");
+        assert_eq!(e["target"]["type"], "command", "{e}");
+        // Nobody's request did it: the entry carries the command's own correlation id.
+        let expired = command(&server, st(&e["target"]["id"])).await;
+        assert_eq!(expired["status"], "expired", "{expired}");
+        assert_eq!(e["correlation_id"], expired["correlation_id"], "{e}");
+        assert!(e["details"]["approval_id"] == expired["approval_id"], "{e}");
     }
 }
 
