@@ -552,6 +552,9 @@ pub struct Analysis {
     pub delivery: Histogram<u64>,
     /// Propose sent -> received (RED: includes the approval round trip).
     pub propose_to_device: Histogram<u64>,
+    /// The 202 of the proposal (GREEN) / decision (RED) received -> the device received the
+    /// command (0 when the device was first): the delivery side's share.
+    pub response_to_device: Histogram<u64>,
     pub propose_latency: Histogram<u64>,
     pub decide_latency: Histogram<u64>,
 }
@@ -592,6 +595,7 @@ pub fn analyze(spec: &PhaseSpec, sent: &[Sent], receipts: &[&Receipt]) -> Analys
         max_late_ns: 0,
         delivery: new_hist(),
         propose_to_device: new_hist(),
+        response_to_device: new_hist(),
         propose_latency: new_hist(),
         decide_latency: new_hist(),
     };
@@ -648,6 +652,10 @@ pub fn analyze(spec: &PhaseSpec, sent: &[Sent], receipts: &[&Receipt]) -> Analys
                     a.green_with_approval += 1;
                 }
                 record(&mut a.delivery, r.at.saturating_sub(s.propose_sent));
+                record(
+                    &mut a.response_to_device,
+                    r.at.saturating_sub(s.propose_done),
+                );
             }
             Risk::Red => {
                 match (&r.approval_id, &s.approval_id) {
@@ -661,6 +669,9 @@ pub fn analyze(spec: &PhaseSpec, sent: &[Sent], receipts: &[&Receipt]) -> Analys
                 match s.decide_sent {
                     Some(d) if r.at >= d => record(&mut a.delivery, r.at - d),
                     _ => a.before_approval += 1,
+                }
+                if let Some(d) = s.decide_done {
+                    record(&mut a.response_to_device, r.at.saturating_sub(d));
                 }
             }
         }
@@ -707,6 +718,7 @@ impl Analysis {
             "max_late_ms": (self.max_late_ns as f64 / 1e3).round() / 1e3,
             "delivery_latency": hist_json(&self.delivery),
             "propose_to_device_latency": hist_json(&self.propose_to_device),
+            "response_to_device_latency": hist_json(&self.response_to_device),
             "propose_latency": hist_json(&self.propose_latency),
             "decide_latency": hist_json(&self.decide_latency),
             "problems": self.problems(),
@@ -956,6 +968,11 @@ pub async fn run(ctx: Arc<Ctx>, a: CmdLatencyArgs) -> Result<Value> {
                 an.status_unexpected,
             );
             println!("    {what:<18} {}", hist_line(&an.delivery));
+            println!(
+                "    {:<18} {}",
+                "202 -> device",
+                hist_line(&an.response_to_device)
+            );
             if spec.risk == Risk::Red {
                 println!(
                     "    {:<18} {}",
@@ -1154,6 +1171,7 @@ mod tests {
         assert_eq!(a.wrong_device, 1);
         assert_eq!(a.before_propose_response, 1);
         assert_eq!(a.delivery.len(), 3);
+        assert_eq!(a.response_to_device.len(), 3);
         assert_eq!(a.problems(), 3);
     }
 

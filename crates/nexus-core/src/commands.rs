@@ -603,17 +603,57 @@ impl CommandService {
                 "only an expired, denied, cancelled or timed-out command can be re-proposed",
             ));
         }
+        // One re-proposal per ended command: its id is derived from the old one, so a second
+        // request (a double click, a retry, a colleague) gets the first re-proposal instead of
+        // putting the same command up for approval twice (approving both would run it twice).
+        let new_id = reproposal_id(&old.id);
+        if let Some(existing) = self.reproposal(tenant, &old.id, &new_id).await? {
+            return Ok(existing);
+        }
         let session = old.session_id.as_str();
         let request = ProposeRequest {
-            command_id: CommandId::generate().to_string(),
+            command_id: new_id.to_string(),
             command_type: old.command_type.clone(),
             params: old.params.clone(),
             device_id: old.device_id.to_string(),
             session_id: (!session.starts_with("device:")).then(|| session.to_owned()),
             correlation_id: Some(old.correlation_id.clone()),
         };
-        self.propose_linked(principal, tenant, request, Some(old.id), meta, now)
+        match self
+            .propose_linked(principal, tenant, request, Some(old.id.clone()), meta, now)
             .await
+        {
+            // Someone else re-proposed it at the same moment.
+            Err(CoreError::Conflict {
+                code: "command_id_conflict",
+                ..
+            }) if let Some(existing) = self.reproposal(tenant, &old.id, &new_id).await? => {
+                Ok(existing)
+            }
+            other => other,
+        }
+    }
+
+    /// The re-proposal of `old`, if it was made already.
+    async fn reproposal(
+        &self,
+        tenant: &TenantId,
+        old: &CommandId,
+        id: &CommandId,
+    ) -> CoreResult<Option<Proposed>> {
+        let Some(record) = self
+            .store
+            .command(tenant, id)
+            .await?
+            .filter(|r| r.replaces.as_ref() == Some(old))
+        else {
+            return Ok(None);
+        };
+        let approval = match &record.approval_id {
+            Some(aid) => self.store.approval(tenant, aid).await?,
+            None => None,
+        };
+        Ok(Some(Proposed { record, approval }))
     }
 
     fn waiter(&self, device: &DeviceId) -> Option<Arc<Notify>> {
@@ -916,6 +956,12 @@ impl CommandService {
     }
 }
 
+/// The id of the re-proposal of `old` (`re_` and 40 hex digits of a SHA-256 of the old id).
+pub fn reproposal_id(old: &CommandId) -> CommandId {
+    let digest = nexus_domain::secret::SecretHash::of(&format!("nexus-repropose-v1\n{old}"));
+    CommandId::from_trusted(format!("re_{}", &digest.as_str()[..40]))
+}
+
 /// The report that tells the stream about a command's state. Its id names the command, the
 /// state and the delivery attempt, so publishing the same transition twice stores it once.
 pub fn status_report(record: &CommandRecord, approval: Option<&Approval>, now: Millis) -> Value {
@@ -965,7 +1011,7 @@ pub fn status_report(record: &CommandRecord, approval: Option<&Approval>, now: M
             "mode": "system",
             "approval_level": level,
             "confidence": 1.0,
-            "report_id": format!("srv_{}_{}_{}", record.id, status.as_str(), record.attempt),
+            "report_id": format!("{}{}_{}_{}", crate::reports::SERVER_REPORT_ID_PREFIX, record.id, status.as_str(), record.attempt),
             "created_at": rfc3339(now),
             "session_id": record.session_id.as_str(),
             "user_id": record.requested_by.as_str(),

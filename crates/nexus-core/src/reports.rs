@@ -14,6 +14,12 @@ use crate::hub::Hub;
 /// Most reports one request may carry.
 pub const MAX_REPORTS_PER_REQUEST: usize = 100;
 
+/// Report ids the server uses for its own reports (command status reports: `srv_<command>_<status>_<attempt>`).
+/// Report ids are unique per session, so a client could otherwise take such an id before the
+/// server publishes under it, and the server's report (an ask for approval, say) would be dropped
+/// as a duplicate with the client's report shown in its place.
+pub const SERVER_REPORT_ID_PREFIX: &str = "srv_";
+
 #[derive(Clone)]
 pub struct ReportService {
     store: Arc<dyn Store>,
@@ -38,6 +44,12 @@ impl ReportService {
         let mut valid = Vec::with_capacity(raw.len());
         for (i, value) in raw.iter().enumerate() {
             match ValidatedReport::parse(value) {
+                Ok(report) if report.report_id.starts_with(SERVER_REPORT_ID_PREFIX) => {
+                    errors.push(FieldError::new(
+                        format!("reports[{i}].meta.report_id"),
+                        format!("must not start with {SERVER_REPORT_ID_PREFIX} (reserved for the server's reports)"),
+                    ));
+                }
                 Ok(report) => valid.push(report),
                 Err(e) => errors.extend(e.prefixed(&format!("reports[{i}]")).0),
             }
@@ -75,5 +87,25 @@ impl ReportService {
         });
         task.await
             .map_err(|e| CoreError::Unexpected(anyhow::anyhow!("ingest task failed: {e}")))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn clients_cannot_use_the_servers_report_ids() {
+        let report =
+            |id: &str| json!({"meta": {"report_id": id, "created_at": "2026-02-03T10:00:00Z"}});
+        assert!(ReportService::validate(&[report("r_1"), report("srv")]).is_ok());
+        match ReportService::validate(&[report("r_1"), report("srv_cmd_1_queued_0")]) {
+            Err(CoreError::Validation(e)) => {
+                assert_eq!(e.0.len(), 1);
+                assert_eq!(e.0[0].field, "reports[1].meta.report_id");
+            }
+            other => panic!("accepted a server report id: {:?}", other.map(|r| r.len())),
+        }
     }
 }

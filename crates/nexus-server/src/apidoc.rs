@@ -31,6 +31,39 @@ fn one_line(text: &str) -> String {
         .replace('|', "\\|")
 }
 
+/// How an operation is authenticated, from its `security` requirements: a user's access token
+/// (`bearer`) or a device token (`device_token`); an empty requirement means the parameters offer
+/// another way (a stream ticket).
+fn authentication(security: &Value) -> Option<String> {
+    let requirements = security.as_array().filter(|s| !s.is_empty())?;
+    let mut ways = Vec::new();
+    let mut optional = false;
+    for requirement in requirements {
+        let Some(schemes) = requirement.as_object() else {
+            continue;
+        };
+        optional |= schemes.is_empty();
+        for scheme in schemes.keys() {
+            let way = match scheme.as_str() {
+                "bearer" => "user access token (`Authorization: Bearer <JWT>`)".to_owned(),
+                "device_token" => "device token (`Authorization: Bearer nxd_…`)".to_owned(),
+                other => format!("`{other}`"),
+            };
+            if !ways.contains(&way) {
+                ways.push(way);
+            }
+        }
+    }
+    if ways.is_empty() {
+        return None;
+    }
+    let mut text = ways.join(" or ");
+    if optional {
+        text.push_str(", or as the parameters describe");
+    }
+    Some(text)
+}
+
 /// Markdown for every path and method of `openapi`, in document order.
 pub fn markdown(openapi: &Value) -> String {
     let mut out = String::new();
@@ -59,14 +92,8 @@ pub fn markdown(openapi: &Value) -> String {
             if let Some(tag) = operation["tags"][0].as_str() {
                 let _ = writeln!(out, "Tag: `{tag}`.");
             }
-            if operation["security"]
-                .as_array()
-                .is_some_and(|s| !s.is_empty())
-            {
-                let _ = writeln!(
-                    out,
-                    "Authentication: device bearer token (`Authorization: Bearer nxd_…`)."
-                );
+            if let Some(auth) = authentication(&operation["security"]) {
+                let _ = writeln!(out, "Authentication: {auth}.");
             }
             let _ = writeln!(out);
             if let Some(params) = operation["parameters"].as_array().filter(|p| !p.is_empty()) {
@@ -119,4 +146,30 @@ pub fn markdown(openapi: &Value) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn authentication_names_the_scheme_the_operation_takes() {
+        assert_eq!(
+            authentication(&json!([{"bearer": []}])).as_deref(),
+            Some("user access token (`Authorization: Bearer <JWT>`)")
+        );
+        assert_eq!(
+            authentication(&json!([{"device_token": []}])).as_deref(),
+            Some("device token (`Authorization: Bearer nxd_…`)")
+        );
+        assert_eq!(
+            authentication(&json!([{"bearer": []}, {}])).as_deref(),
+            Some(
+                "user access token (`Authorization: Bearer <JWT>`), or as the parameters describe"
+            )
+        );
+        assert_eq!(authentication(&json!([])), None);
+        assert_eq!(authentication(&Value::Null), None);
+    }
 }

@@ -14,6 +14,7 @@ use crate::routes::views;
 use crate::state::AppState;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct AuditLogsQuery {
     /// RFC 3339; entries at or after.
     pub since: Option<String>,

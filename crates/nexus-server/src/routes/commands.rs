@@ -123,6 +123,7 @@ pub async fn propose(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct CommandsListQuery {
     pub status: Option<String>,
     pub device_id: Option<String>,
@@ -215,7 +216,8 @@ pub async fn cancel(
 }
 
 /// Proposes an expired, denied, cancelled or timed-out command again (new command id, linked to
-/// the old one through `replaces`).
+/// the old one through `replaces`). A command is re-proposed once: asking again (a double click,
+/// a colleague) returns that same re-proposal.
 #[utoipa::path(post, path = "/commands/{id}/repropose", tag = "commands", security(("bearer" = [])),
     params(("id" = String, Path), ("x-org-id" = String, Header), ("x-project-id" = String, Header)),
     responses((status = 202, body = ProposeCommandResponse), (status = 404, body = nexus_api::Problem),
@@ -235,6 +237,7 @@ pub async fn repropose(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ApprovalsQuery {
     /// `pending`, `approved`, `denied` or `expired`.
     pub status: Option<String>,

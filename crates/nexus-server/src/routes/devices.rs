@@ -44,6 +44,7 @@ pub async fn heartbeat(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct CommandsQuery {
     /// `next_cursor` of the previous pull; omit to get every unacknowledged command.
     pub cursor: Option<String>,

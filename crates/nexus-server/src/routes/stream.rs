@@ -20,6 +20,7 @@ use crate::extract::{ApiQuery, OptionalTenant, authorize, signed_in, tenant_requ
 use crate::state::AppState;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct StreamQuery {
     /// The session to watch.
     pub session_id: String,

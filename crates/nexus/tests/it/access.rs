@@ -37,7 +37,11 @@ enum Endpoint {
     RemoveMember,
     CreateProject,
     ListProjects,
-    EnqueueCommand,
+    ProposeCommand,
+    ListCommands,
+    DecideApproval,
+    GetPolicy,
+    PutPolicy,
     EmitReport,
 }
 
@@ -94,11 +98,20 @@ const TABLE: &[(Endpoint, Permission, u16, [u16; 3])] = &[
     ),
     (ListProjects, Permission::ReadMembers, 200, [200, 200, 200]),
     (
-        EnqueueCommand,
+        ProposeCommand,
         Permission::SendCommands,
-        200,
-        [403, 200, 200],
+        202,
+        [403, 202, 202],
     ),
+    (ListCommands, Permission::ReadCommands, 200, [200, 200, 200]),
+    (
+        DecideApproval,
+        Permission::DecideApprovals,
+        202,
+        [403, 202, 202],
+    ),
+    (GetPolicy, Permission::ReadCommands, 200, [200, 200, 200]),
+    (PutPolicy, Permission::ManagePolicies, 200, [403, 403, 200]),
     (EmitReport, Permission::SendCommands, 200, [403, 200, 200]),
 ];
 
@@ -114,18 +127,53 @@ async fn prepare(
     let req = |method: Method, path: &str| server.as_user(token, method, path);
     match endpoint {
         ListDevices => (req(Method::GET, "/devices"), None),
-        GetDevice | RenameDevice | DeleteDevice | EnqueueCommand => {
+        GetDevice | RenameDevice | DeleteDevice => {
             let device = server.pair_device(&unique("dev-")).await;
             let path = format!("/devices/{}", device.id);
             let request = match endpoint {
                 GetDevice => req(Method::GET, &path),
                 RenameDevice => req(Method::PATCH, &path).json(&json!({"name": "renamed"})),
-                DeleteDevice => req(Method::DELETE, &path),
-                _ => req(Method::POST, "/devtools/enqueue_command")
-                    .json(&json!({"device_id": device.id, "type": "fs.read", "risk": "GREEN"})),
+                _ => req(Method::DELETE, &path),
             };
             (request, Some(device.id))
         }
+        ProposeCommand => {
+            let device = server.pair_device(&unique("dev-")).await;
+            let command_id = unique("cmd-");
+            (
+                req(Method::POST, "/sidecar/command").json(
+                    &json!({"command_id": command_id, "device_id": device.id, "type": "fs.read"}),
+                ),
+                Some(command_id),
+            )
+        }
+        ListCommands => (req(Method::GET, "/commands"), None),
+        DecideApproval => {
+            let device = server.pair_device(&unique("dev-")).await;
+            let (s, proposed) = server
+                .post_json(
+                    "/sidecar/command",
+                    &json!({"command_id": unique("red-"), "device_id": device.id, "type": "shell.exec"}),
+                )
+                .await;
+            assert_eq!(s, 202, "{proposed}");
+            let approval_id = proposed["approval_id"]
+                .as_str()
+                .expect("approval")
+                .to_owned();
+            (
+                req(Method::POST, &format!("/approvals/{approval_id}/decide"))
+                    .json(&json!({"decision": "approve"})),
+                Some(approval_id),
+            )
+        }
+        GetPolicy => (req(Method::GET, "/policy"), None),
+        PutPolicy => (
+            req(Method::PUT, "/policy").json(
+                &json!({"rules": [{"pattern": "fs.*", "risk": "GREEN"}], "approval_ttl_secs": 60}),
+            ),
+            Some("policy".to_owned()),
+        ),
         PairingPreview | ConfirmByCode => {
             let (s, started) = status_json(
                 server
@@ -211,7 +259,45 @@ async fn assert_untouched(server: &TestServer, endpoint: Endpoint, object: Optio
             assert_eq!(s, 200, "{endpoint:?} refused yet the device is gone");
             assert_ne!(device["device_name"], "renamed");
         }
-        EnqueueCommand => {}
+        ProposeCommand => {
+            let (s, b) = status_json(
+                server
+                    .web(Method::GET, &format!("/commands/{object}"))
+                    .send()
+                    .await
+                    .expect("get"),
+            )
+            .await;
+            assert_eq!(s, 404, "{endpoint:?} refused yet the command exists: {b}");
+        }
+        DecideApproval => {
+            let (_, approval) = status_json(
+                server
+                    .web(Method::GET, &format!("/approvals/{object}"))
+                    .send()
+                    .await
+                    .expect("get"),
+            )
+            .await;
+            assert_eq!(
+                approval["status"], "pending",
+                "{endpoint:?} refused yet decided"
+            );
+        }
+        PutPolicy => {
+            let (_, policy) = status_json(
+                server
+                    .web(Method::GET, "/policy")
+                    .send()
+                    .await
+                    .expect("get"),
+            )
+            .await;
+            assert_ne!(
+                policy["approval_ttl_secs"], 60,
+                "{endpoint:?} refused yet saved"
+            );
+        }
         PairingPreview | ConfirmByCode => {
             // Still pending: the admin can confirm it.
             let (s, b) = server
@@ -304,6 +390,9 @@ async fn every_role_gets_exactly_what_the_permission_table_allows() {
         Permission::SendCommands,
         Permission::ManageMembers,
         Permission::ReadAudit,
+        Permission::ReadCommands,
+        Permission::DecideApprovals,
+        Permission::ManagePolicies,
     ] {
         assert!(TABLE.iter().any(|(_, p, _, _)| *p == permission));
     }
@@ -613,8 +702,8 @@ async fn another_tenant_cannot_see_or_touch_anything_of_this_one() {
         ),
         (
             "command",
-            as_eve(Method::POST, "/devtools/enqueue_command", ORG, PROJECT)
-                .json(&json!({"device_id": device.id, "type": "fs.read"})),
+            as_eve(Method::POST, "/sidecar/command", ORG, PROJECT)
+                .json(&json!({"command_id": "eve-1", "device_id": device.id, "type": "fs.read"})),
             "tenant_not_found",
         ),
         (
@@ -693,8 +782,8 @@ async fn another_tenant_cannot_see_or_touch_anything_of_this_one() {
         ),
         (
             "command",
-            as_eve(Method::POST, "/devtools/enqueue_command", "other", "proj")
-                .json(&json!({"device_id": device.id, "type": "fs.read"})),
+            as_eve(Method::POST, "/sidecar/command", "other", "proj")
+                .json(&json!({"command_id": "eve-2", "device_id": device.id, "type": "fs.read"})),
             "device_not_found",
         ),
         (

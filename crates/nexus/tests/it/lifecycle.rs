@@ -24,11 +24,23 @@ async fn everything_survives_a_restart_and_is_replayable() {
         .await;
     let (s, cmd) = server
         .post_json(
-            "/devtools/enqueue_command",
-            &json!({"device_id": device.id, "type": "fs.read", "risk": "GREEN"}),
+            "/sidecar/command",
+            &json!({"command_id": "durable-1", "device_id": device.id, "type": "fs.read"}),
         )
         .await;
-    assert_eq!(s, 200, "{cmd}");
+    assert_eq!(s, 202, "{cmd}");
+    assert_eq!(cmd["status"], "queued");
+    // A RED command waiting for approval: still there after the restart, and the grant made after
+    // it verifies with the keys the device got at pairing (the signing key survives restarts).
+    let (s, red) = server
+        .post_json(
+            "/sidecar/command",
+            &json!({"command_id": "durable-red", "device_id": device.id, "type": "shell.exec",
+                    "params": {"cmd": "backup"}}),
+        )
+        .await;
+    assert_eq!(s, 202, "{red}");
+    assert_eq!(red["status"], "pending_approval");
 
     let server = server.restart().await;
     let hb = server
@@ -60,6 +72,42 @@ async fn everything_survives_a_restart_and_is_replayable() {
     )
     .await;
     assert_eq!(pulled["commands"][0]["command_id"], cmd["command_id"]);
+    assert_eq!(
+        pulled["commands"].as_array().expect("list").len(),
+        1,
+        "{pulled}"
+    );
+    let (s, decided) = server
+        .post_json(
+            &format!(
+                "/approvals/{}/decide",
+                red["approval_id"].as_str().expect("id")
+            ),
+            &json!({"decision": "approve"}),
+        )
+        .await;
+    assert_eq!(s, 202, "{decided}");
+    let (_, pulled) = status_json(
+        server
+            .device(
+                reqwest::Method::GET,
+                &device,
+                &format!(
+                    "/commands?cursor={}",
+                    pulled["next_cursor"].as_str().expect("cursor")
+                ),
+            )
+            .send()
+            .await
+            .expect("pull"),
+    )
+    .await;
+    let approved = &pulled["commands"][0];
+    assert_eq!(approved["command_id"], "durable-red", "{pulled}");
+    assert!(
+        grant_verifies(&device.server_keys, &device.id, approved),
+        "{approved}"
+    );
 }
 
 #[tokio::test]

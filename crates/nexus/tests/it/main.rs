@@ -7,6 +7,7 @@ mod access;
 mod admin_cli;
 mod audit;
 mod auth;
+mod commands;
 mod devices_tokens;
 mod lifecycle;
 mod pairing;

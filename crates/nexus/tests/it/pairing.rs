@@ -117,6 +117,7 @@ async fn full_pairing_flow_issues_a_working_token_exactly_once() {
         id: device_id.to_owned(),
         token: token.to_owned(),
         refresh_token: done["refresh_token"].as_str().expect("refresh").to_owned(),
+        server_keys: done["server_keys"].clone(),
     };
     let r = server
         .device(reqwest::Method::POST, &device, "/heartbeat")

@@ -162,6 +162,7 @@ async fn pair_across(a: &TestServer, b: &TestServer, name: &str) -> PairedDevice
         id: done["device_id"].as_str().expect("id").to_owned(),
         token: done["device_token"].as_str().expect("token").to_owned(),
         refresh_token: done["refresh_token"].as_str().expect("refresh").to_owned(),
+        server_keys: done["server_keys"].clone(),
     }
 }
 
@@ -600,4 +601,160 @@ async fn sessions_and_tokens_are_honoured_and_revoked_on_every_replica() {
     assert_eq!(hb(&b, &device.token).await.expect("hb").status(), 401);
     let new_token = rotated["device_token"].as_str().expect("token");
     assert_eq!(hb(&b, new_token).await.expect("hb").status(), 200);
+}
+
+/// Commands across replicas: a device long-polling one replica gets what was proposed or approved
+/// on the other within about a second (no cross-replica wake-up is needed: the poll re-reads the
+/// store); decisions racing on both replicas have one winner; both replicas sweep, yet an expiry
+/// happens once; a grant made by either replica verifies with the keys the device got at pairing.
+#[tokio::test]
+async fn commands_flow_across_replicas() {
+    let Some(Cluster { a, b, .. }) = replicas().await else {
+        return;
+    };
+    let device = pair_across(&a, &b, "pc").await;
+    let mut stream = a.subscribe("s-rep", None).await;
+    stream.next_data(WAIT).await.expect("snapshot");
+    let long_poll = |server: &TestServer, cursor: &str| {
+        let request = server.device(
+            reqwest::Method::GET,
+            &device,
+            &format!("/commands?cursor={cursor}&wait=10"),
+        );
+        tokio::spawn(async move {
+            let answer = status_json(request.send().await.expect("long-poll")).await;
+            (answer, std::time::Instant::now())
+        })
+    };
+
+    // GREEN proposed on B, delivered to a device waiting on A.
+    let poll = long_poll(&a, "0");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let proposed_at = std::time::Instant::now();
+    let (s, green) = b
+        .post_json(
+            "/sidecar/command",
+            &json!({"command_id": "rep-green", "type": "fs.read", "device_id": device.id, "session_id": "s-rep"}),
+        )
+        .await;
+    assert_eq!(s, 202, "{green}");
+    let ((s, got), at) = poll.await.expect("join");
+    assert_eq!(s, 200, "{got}");
+    assert_eq!(got["commands"][0]["command_id"], "rep-green", "{got}");
+    assert!(
+        at.duration_since(proposed_at) < Duration::from_secs(3),
+        "propose on B → device on A took {:?}",
+        at.duration_since(proposed_at)
+    );
+    let cursor = got["next_cursor"].as_str().expect("cursor").to_owned();
+
+    // RED proposed on A; ten approvals and ten denials race on both replicas.
+    let (s, red) = a
+        .post_json(
+            "/sidecar/command",
+            &json!({"command_id": "rep-red", "type": "shell.exec", "params": {"cmd": "deploy"},
+                    "device_id": device.id, "session_id": "s-rep"}),
+        )
+        .await;
+    assert_eq!(s, 202, "{red}");
+    let approval_id = red["approval_id"].as_str().expect("approval").to_owned();
+    let poll = long_poll(&a, &cursor);
+    let decisions = (0..20).map(|i| {
+        let server = if i % 2 == 0 { &a } else { &b };
+        let decision = if i % 4 < 2 { "approve" } else { "deny" };
+        let request = server
+            .web(
+                reqwest::Method::POST,
+                &format!("/approvals/{approval_id}/decide"),
+            )
+            .json(&json!({"decision": decision}));
+        async move {
+            (
+                decision,
+                status_json(request.send().await.expect("decide")).await,
+            )
+        }
+    });
+    let results = futures::future::join_all(decisions).await;
+    let winners: Vec<_> = results.iter().filter(|(_, (s, _))| *s == 202).collect();
+    assert_eq!(winners.len(), 1, "{results:?}");
+    for (_, (s, b)) in results.iter().filter(|(_, (s, _))| *s != 202) {
+        assert_problem(*s, b, 409, "approval_already_decided");
+    }
+    let ((s, got), _) = poll.await.expect("join");
+    assert_eq!(s, 200);
+    if winners[0].0 == "approve" {
+        let commands = got["commands"].as_array().expect("commands");
+        assert_eq!(commands.len(), 1, "delivered once: {got}");
+        assert_eq!(commands[0]["attempt"], 1);
+        assert!(
+            grant_verifies(&device.server_keys, &device.id, &commands[0]),
+            "{got}"
+        );
+    } else {
+        assert_eq!(got["commands"], json!([]), "{got}");
+    }
+
+    // Both replicas sweep; the expiry happens once.
+    let (s, mut policy) = status_json(
+        b.web(reqwest::Method::GET, "/policy")
+            .send()
+            .await
+            .expect("policy"),
+    )
+    .await;
+    assert_eq!(s, 200);
+    policy["approval_ttl_secs"] = json!(1);
+    let (s, saved) = status_json(
+        b.web(reqwest::Method::PUT, "/policy")
+            .json(&policy)
+            .send()
+            .await
+            .expect("put"),
+    )
+    .await;
+    assert_eq!(s, 200, "{saved}");
+    let (s, late) = a
+        .post_json(
+            "/sidecar/command",
+            &json!({"command_id": "rep-late", "type": "shell.exec", "device_id": device.id, "session_id": "s-rep"}),
+        )
+        .await;
+    assert_eq!(s, 202, "{late}");
+    let mut seen = Vec::new();
+    while !seen.contains(&"rep-late:expired".to_owned()) {
+        let event = stream.next_data(WAIT).await.expect("stream");
+        let r = event.json();
+        if event.event == "report" && r["command"].is_object() {
+            seen.push(format!(
+                "{}:{}",
+                r["command"]["command_id"].as_str().expect("id"),
+                r["command"]["status"].as_str().expect("status")
+            ));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await; // both replicas swept again meanwhile
+    let (_, audit) = status_json(
+        a.web(reqwest::Method::GET, "/audit/logs?action=approval.expire")
+            .send()
+            .await
+            .expect("audit"),
+    )
+    .await;
+    let expiries = audit["entries"].as_array().expect("entries");
+    assert_eq!(expiries.len(), 1, "{audit}");
+    assert_eq!(expiries[0]["target"]["id"], "rep-late");
+    let (_, events) = status_json(
+        b.web(reqwest::Method::GET, "/audit/logs?action=command.propose")
+            .send()
+            .await
+            .expect("audit"),
+    )
+    .await;
+    assert_eq!(events["entries"].as_array().expect("entries").len(), 3);
+    assert_eq!(
+        seen.iter().filter(|s| s.starts_with("rep-late:")).count(),
+        2,
+        "pending_approval then expired, once each: {seen:?}"
+    );
 }

@@ -263,32 +263,37 @@ async fn heartbeats_mark_devices_online_until_three_are_missed() {
 async fn command_queue_pull_cursor_and_ack() {
     let server = TestServer::start().await;
     let device = server.pair_device("pc").await;
+    // GREEN and YELLOW proposals are queued at once; RED ones (and unknown types) wait for an
+    // approval and are not in the queue.
     let mut ids = Vec::new();
-    for (kind, risk) in [
-        ("fs.read", "GREEN"),
-        ("fs.write", "YELLOW"),
-        ("shell.exec", "RED"),
-    ] {
+    for (i, (kind, risk)) in [
+        ("fs.read", "green"),
+        ("fs.write", "yellow"),
+        ("shell.exec", "red"),
+        ("fs.list", "green"),
+        ("x.y", "red"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let command_id = format!("cmd-{i}");
         let (s, cmd) = server
-            .post_json("/devtools/enqueue_command", &json!({"device_id": device.id, "type": kind, "params": {"path": "/tmp"}, "risk": risk, "session_id": "s1"}))
+            .post_json(
+                "/sidecar/command",
+                &json!({"command_id": command_id, "device_id": device.id, "type": kind,
+                        "params": {"path": "/tmp"}, "session_id": "s1"}),
+            )
             .await;
-        assert_eq!(s, 200, "{cmd}");
-        assert!(cmd["command_id"].as_str().expect("id").starts_with("cmd_"));
-        assert_eq!(cmd["policy"]["risk"], risk);
-        ids.push(cmd["command_id"].as_str().expect("id").to_owned());
+        assert_eq!(s, 202, "{cmd}");
+        assert_eq!(cmd["command_id"], command_id.as_str());
+        assert_eq!(cmd["risk"], risk, "{kind}: unclassified commands are RED");
+        if risk != "red" {
+            assert_eq!(cmd["status"], "queued");
+            ids.push(command_id);
+        } else {
+            assert_eq!(cmd["status"], "pending_approval");
+        }
     }
-    let (s, unknown_type) = server
-        .post_json(
-            "/devtools/enqueue_command",
-            &json!({"device_id": device.id, "type": "x.y"}),
-        )
-        .await;
-    assert_eq!(s, 200);
-    assert_eq!(
-        unknown_type["policy"]["risk"], "RED",
-        "unclassified commands are RED"
-    );
-    ids.push(unknown_type["command_id"].as_str().expect("id").to_owned());
 
     let pull = |cursor: Option<String>| {
         let path = match cursor {
@@ -323,16 +328,22 @@ async fn command_queue_pull_cursor_and_ack() {
             &device,
             &format!("/commands/{}/ack", ids[0]),
         )
-        .json(&json!({"received_at": "2026-02-03T10:00:00Z"}))
+        .json(&json!({"received_at": "2026-02-03T10:00:00Z", "attempt": 1}))
         .send()
         .await
         .expect("ack");
     assert_eq!(status_json(ack).await, (200, json!({"ok": true})));
     let (_, after_ack) = pull(None).await;
+    let again: Vec<_> = after_ack["commands"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|c| (c["command_id"].as_str().expect("id"), c["attempt"].clone()))
+        .collect();
     assert_eq!(
-        after_ack["commands"].as_array().expect("list").len(),
-        3,
-        "acknowledged commands are not delivered again"
+        again,
+        [(ids[1].as_str(), json!(2)), (ids[2].as_str(), json!(2))],
+        "acknowledged commands are not delivered again; the others are, as a new attempt"
     );
 
     let r = server

@@ -480,6 +480,7 @@ impl TestServer {
             id: done["device_id"].as_str().expect("id").to_owned(),
             token: done["device_token"].as_str().expect("token").to_owned(),
             refresh_token: done["refresh_token"].as_str().expect("refresh").to_owned(),
+            server_keys: done["server_keys"].clone(),
         }
     }
 
@@ -539,6 +540,8 @@ pub struct PairedDevice {
     pub id: String,
     pub token: String,
     pub refresh_token: String,
+    /// The JWK Set pairing completion returned: the keys approval signatures verify with.
+    pub server_keys: Value,
 }
 
 pub async fn status_json(response: reqwest::Response) -> (u16, Value) {
@@ -874,4 +877,44 @@ pub fn assert_no_secrets(text: &str, secrets: &[&str], what: &str) {
         assert!(!secret.is_empty());
         assert!(!text.contains(secret), "{what} contain a secret: {secret}");
     }
+}
+
+/// What the agent (next issue) does before running an approved command: recompute the signed
+/// bytes from the command as received and its own device id, find the key by `kid` among the
+/// `server_keys` it got at pairing, check the Ed25519 signature.
+pub fn grant_verifies(keys: &Value, device_id: &str, command: &Value) -> bool {
+    let grant = &command["approval"];
+    let (Some(kid), Some(signature), Some(approval_id), Some(expires_at)) = (
+        grant["kid"].as_str(),
+        grant["signature"].as_str(),
+        grant["approval_id"].as_str(),
+        grant["expires_at"].as_str(),
+    ) else {
+        return false;
+    };
+    let Some(jwk) = keys["keys"]
+        .as_array()
+        .and_then(|keys| keys.iter().find(|k| k["kid"] == kid))
+    else {
+        return false;
+    };
+    let Some(key) = jwk["x"]
+        .as_str()
+        .and_then(nexus_auth::jwt::verifying_key_from_jwk_x)
+    else {
+        return false;
+    };
+    let (Some(command_id), Some(kind)) = (command["command_id"].as_str(), command["type"].as_str())
+    else {
+        return false;
+    };
+    let input = nexus_domain::approval::approval_signing_input(
+        &nexus_domain::CommandId::from_trusted(command_id.to_owned()),
+        &nexus_domain::DeviceId::from_trusted(device_id.to_owned()),
+        kind,
+        &command["params"],
+        &nexus_domain::approval::ApprovalId::from_trusted(approval_id.to_owned()),
+        expires_at,
+    );
+    nexus_auth::jwt::verify_detached_with(&key, &input, signature)
 }

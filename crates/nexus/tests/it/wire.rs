@@ -250,6 +250,15 @@ async fn openapi_document_lists_every_endpoint() {
         "/devtools/emit_report",
         "/devtools/devices",
         "/devices/{id}/unpair",
+        "/sidecar/command",
+        "/commands",
+        "/commands/{id}",
+        "/commands/{id}/cancel",
+        "/commands/{id}/repropose",
+        "/approvals",
+        "/approvals/{id}",
+        "/approvals/{id}/decide",
+        "/policy",
         "/devices",
         "/devices/pairing/preview",
         "/devices/token/refresh",
@@ -278,6 +287,33 @@ async fn openapi_document_lists_every_endpoint() {
         );
     }
     assert!(doc["components"]["schemas"].get("AgentReport").is_some());
+    assert!(
+        doc["paths"].get("/devtools/enqueue_command").is_none(),
+        "commands are proposed through /sidecar/command only"
+    );
+    // Query strings are documented as optional query parameters, not as required path segments.
+    for (path, names) in [
+        ("/commands", &["status", "device_id", "limit", "cursor"][..]),
+        ("/approvals", &["status", "limit"][..]),
+        ("/devices/{id}/commands", &["cursor", "wait"][..]),
+        (
+            "/audit/logs",
+            &["since", "until", "action", "actor_id", "limit", "cursor"][..],
+        ),
+        ("/agent/reports/stream", &["last_event_id", "ticket"][..]),
+    ] {
+        let params = doc["paths"][path]["get"]["parameters"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{path} has parameters"));
+        for name in names {
+            let p = params
+                .iter()
+                .find(|p| p["name"] == *name)
+                .unwrap_or_else(|| panic!("{path} documents {name}"));
+            assert_eq!(p["in"], "query", "{path} {name}: {p}");
+            assert_eq!(p["required"], false, "{path} {name}: {p}");
+        }
+    }
 }
 
 #[tokio::test]
@@ -345,9 +381,39 @@ fn committed_api_docs_match_the_code() {
         run(&["openapi"]),
         "{hint}"
     );
+    let markdown = run(&["openapi", "--markdown"]);
     assert_eq!(
         std::fs::read_to_string(docs.join("API.md")).expect("docs/API.md"),
-        run(&["openapi", "--markdown"]),
+        markdown,
         "{hint}"
     );
+    // Each operation names the credential it takes: web endpoints a user's access token,
+    // device endpoints the device token.
+    let section = |heading: &str| {
+        let start = markdown
+            .find(&format!("## `{heading}`\n"))
+            .unwrap_or_else(|| panic!("{heading} in API.md"));
+        let rest = &markdown[start + 4..];
+        rest[..rest.find("\n## ").unwrap_or(rest.len())].to_owned()
+    };
+    for web in [
+        "GET /commands",
+        "POST /approvals/{id}/decide",
+        "GET /devices",
+        "PUT /policy",
+    ] {
+        assert!(
+            section(web).contains("user access token"),
+            "{web}: {}",
+            section(web)
+        );
+    }
+    for device in ["GET /devices/{id}/commands", "POST /devices/{id}/reports"] {
+        assert!(
+            section(device).contains("device token"),
+            "{device}: {}",
+            section(device)
+        );
+        assert!(!section(device).contains("user access token"), "{device}");
+    }
 }
