@@ -5,6 +5,7 @@ mod support;
 
 mod access;
 mod admin_cli;
+mod agent;
 mod audit;
 mod auth;
 mod commands;

@@ -80,6 +80,29 @@ impl TestServer {
         Self::spawn_with(data_dir, temp, args, "http", bootstrap).await
     }
 
+    /// Stops the server (unless stopped) and starts it again on the same data directory AND the
+    /// same address, so clients that remember the URL (the device agent) find it again.
+    pub async fn restart_same_port(mut self) -> Self {
+        if self.child.is_some() {
+            let status = self.stop().await;
+            assert!(status.success(), "server exited with {status}");
+        }
+        let listen = self
+            .base
+            .split_once("://")
+            .map_or(self.base.as_str(), |(_, a)| a)
+            .to_owned();
+        let temp = self._temp.take();
+        let (data_dir, args) = (self.data_dir.clone(), self.args.clone());
+        let bootstrap = !self.admin_token.is_empty();
+        let scheme = self
+            .base
+            .split_once("://")
+            .map_or("http", |(s, _)| s)
+            .to_owned();
+        Self::spawn_listening(data_dir, temp, args, &scheme, bootstrap, &listen).await
+    }
+
     pub async fn spawn(
         data_dir: PathBuf,
         temp: Option<tempfile::TempDir>,
@@ -97,11 +120,23 @@ impl TestServer {
         scheme: &str,
         bootstrap: bool,
     ) -> Self {
+        Self::spawn_listening(data_dir, temp, args, scheme, bootstrap, "127.0.0.1:0").await
+    }
+
+    /// Like [`TestServer::spawn_with`], listening on `listen` (`127.0.0.1:0`: a free port).
+    pub async fn spawn_listening(
+        data_dir: PathBuf,
+        temp: Option<tempfile::TempDir>,
+        args: Vec<String>,
+        scheme: &str,
+        bootstrap: bool,
+        listen: &str,
+    ) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_nexus"));
         command
             .arg("server")
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(listen)
             .arg("--data-dir")
             .arg(&data_dir)
             .args(if args.iter().any(|a| a == "--no-dev") {
