@@ -234,16 +234,21 @@ pub fn context_switches(pid: u32) -> Option<u64> {
     let rd = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
     let mut total = 0;
     for e in rd.flatten() {
-        let Ok(s) = std::fs::read_to_string(e.path().join("status")) else {
-            continue;
-        };
-        for l in s.lines() {
-            if let Some(v) = l
-                .strip_prefix("voluntary_ctxt_switches:")
-                .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
-            {
-                total += v.trim().parse::<u64>().unwrap_or(0);
-            }
+        total += task_switches(&e.path().join("status")).unwrap_or(0);
+    }
+    Some(total)
+}
+
+/// Context switches of one thread, from its `/proc/<pid>/task/<tid>/status`.
+fn task_switches(status: &std::path::Path) -> Option<u64> {
+    let s = std::fs::read_to_string(status).ok()?;
+    let mut total = 0;
+    for l in s.lines() {
+        if let Some(v) = l
+            .strip_prefix("voluntary_ctxt_switches:")
+            .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+        {
+            total += v.trim().parse::<u64>().unwrap_or(0);
         }
     }
     Some(total)
@@ -425,10 +430,19 @@ mod tests {
 
     #[test]
     fn counts_own_context_switches() {
-        let a = context_switches(std::process::id()).unwrap();
+        // The process total can go down while other tests' threads exit (exited threads
+        // are not counted), so check this thread, and that the total includes it.
+        let me = std::path::Path::new("/proc/thread-self/status");
+        let a = task_switches(me).unwrap();
         std::thread::sleep(Duration::from_millis(2));
-        let b = context_switches(std::process::id()).unwrap();
+        let b = task_switches(me).unwrap();
         assert!(b > a, "{a} -> {b}");
+        let total = context_switches(std::process::id()).unwrap();
+        let again = task_switches(me).unwrap();
+        assert!(
+            total >= b,
+            "process total {total} < this thread's {b} ({again} now)"
+        );
     }
 
     #[test]
