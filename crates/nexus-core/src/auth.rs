@@ -15,7 +15,7 @@ use nexus_auth::throttle::{Backoff, SlidingWindowLimiter};
 use nexus_auth::tokens::{RefreshToken, StreamTicket as TicketSecret};
 use nexus_domain::audit::{Actor, AuditRecord, AuditResult, AuditScope, AuditTarget};
 use nexus_domain::identity::{StreamTicket, TotpState};
-use nexus_domain::time::Millis;
+use nexus_domain::time::{Millis, duration_millis};
 use nexus_domain::{
     AuthSession, AuthSessionId, Email, OrgId, Permission, Role, SessionId, TenantId, User, UserId,
     ValidationErrors,
@@ -108,10 +108,6 @@ pub struct AuthService {
     login_locks: Arc<StripedLocks>,
 }
 
-fn millis(d: Duration) -> Millis {
-    Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX)
-}
-
 fn invalid_credentials() -> CoreError {
     CoreError::unauthorized("invalid_credentials", "the email or password is wrong")
 }
@@ -154,13 +150,6 @@ impl AuthService {
             .map_err(|_| CoreError::Unexpected(anyhow::anyhow!("key ring lock poisoned")))?
             .sign_detached(message)
             .map_err(|e| CoreError::Unexpected(anyhow::anyhow!("signing: {e}")))
-    }
-
-    /// Checks a signature made by [`AuthService::sign_detached`].
-    pub fn verify_detached(&self, kid: &str, message: &[u8], signature: &str) -> bool {
-        self.keys
-            .read()
-            .is_ok_and(|keys| keys.verify_detached(kid, message, signature))
     }
 
     /// Replaces the key ring (after a rotation on disk); tokens of every key still in it stay valid.
@@ -259,7 +248,7 @@ impl AuthService {
         if let Some(ip) = &ip_key
             && self.ip_failures.count(ip, now) >= IP_FAILURES_PER_WINDOW
         {
-            return Err(Self::too_many(millis(IP_WINDOW) / 4));
+            return Err(Self::too_many(duration_millis(IP_WINDOW) / 4));
         }
         if request.password.len() > nexus_auth::password::MAX_PASSWORD_BYTES {
             return Err(invalid_credentials());
@@ -287,8 +276,12 @@ impl AuthService {
                 &request.password,
             )
             .await?;
-        let Some(user) = user.filter(|u| password_ok && !u.disabled) else {
-            return Err(self.login_failed(&email, meta, now, "password").await);
+        let user = match user {
+            Some(user) if password_ok && !user.disabled => user,
+            other => {
+                let known = other.as_ref().map(|u| &u.id);
+                return Err(self.login_failed(&email, known, meta, now).await);
+            }
         };
         if user.totp.enabled {
             let Some(code) = request
@@ -335,25 +328,25 @@ impl AuthService {
     async fn login_failed(
         &self,
         email: &Email,
+        user: Option<&UserId>,
         meta: &RequestMeta,
         now: Millis,
-        reason: &str,
     ) -> CoreError {
         if let Some(ip) = meta.ip {
             self.ip_failures.hit(&ip.to_string(), now);
         }
         let result: CoreResult<()> = async {
-            match self.store.user_by_email(email).await? {
+            match user {
                 Some(user) => {
-                    self.store.record_login_failure(&user.id, now).await?;
+                    self.store.record_login_failure(user, now).await?;
                     let records = self
                         .account_audit(
                             meta,
-                            &user.id,
+                            user,
                             now,
                             "auth.login",
                             AuditResult::Failure,
-                            json!({"reason": reason}),
+                            json!({"reason": "password"}),
                         )
                         .await?;
                     self.store.append_audit(&records).await?;
@@ -422,7 +415,7 @@ impl AuthService {
             user_id: user.id.clone(),
             created_at: now,
             last_seen_at: now,
-            expires_at: now.saturating_add(millis(self.config.refresh_ttl)),
+            expires_at: now.saturating_add(duration_millis(self.config.refresh_ttl)),
             revoked_at: None,
             ip: meta.truncated_ip(),
             user_agent: meta
@@ -497,7 +490,7 @@ impl AuthService {
         };
         let token = RefreshToken::from_presented(presented).ok_or_else(invalid)?;
         let next = RefreshToken::generate();
-        let expires_at = now.saturating_add(millis(self.config.refresh_ttl));
+        let expires_at = now.saturating_add(duration_millis(self.config.refresh_ttl));
         match self
             .store
             .rotate_refresh_token(&token.hash(), &next.hash(), expires_at, now)
@@ -645,10 +638,7 @@ impl AuthService {
     }
 
     pub async fn me(&self, principal: &Principal) -> CoreResult<(User, Vec<(OrgId, Role)>)> {
-        let user =
-            self.store.user(&principal.user_id).await?.ok_or_else(|| {
-                CoreError::unauthorized("invalid_token", "the user no longer exists")
-            })?;
+        let user = self.current_user(principal).await?;
         let orgs = self.store.user_orgs(&principal.user_id).await?;
         Ok((user, orgs))
     }

@@ -21,7 +21,7 @@ use nexus_domain::command::{
     ClientContext, CommandPolicy, DeviceCommand, Risk, valid_command_type,
 };
 use nexus_domain::report::ValidatedReport;
-use nexus_domain::time::{Millis, rfc3339};
+use nexus_domain::time::{Millis, duration_millis, rfc3339};
 use nexus_domain::validation::check_token_chars;
 use nexus_domain::{CommandId, DeviceId, SessionId, TenantId, ValidationErrors};
 use nexus_store::{AckOutcome, CommandChange, CommandQuery, Created, Store};
@@ -84,16 +84,8 @@ pub struct CommandService {
     waiters: Arc<Mutex<HashMap<DeviceId, Arc<Notify>>>>,
 }
 
-fn risk_name(risk: Risk) -> &'static str {
-    match risk {
-        Risk::Green => "green",
-        Risk::Yellow => "yellow",
-        Risk::Red => "red",
-    }
-}
-
 fn secs(s: u64) -> Millis {
-    Millis::try_from(s.saturating_mul(1000)).unwrap_or(Millis::MAX)
+    duration_millis(Duration::from_secs(s))
 }
 
 fn not_found() -> CoreError {
@@ -295,7 +287,7 @@ impl CommandService {
             now,
             principal.actor(),
             "command.propose",
-            json!({"type": record.command_type, "device_id": device_id, "risk": risk_name(risk),
+            json!({"type": record.command_type, "device_id": device_id, "risk": risk.lowercase(),
                    "status": record.status, "approval_id": record.approval_id, "replaces": record.replaces}),
         );
         match self
@@ -325,7 +317,7 @@ impl CommandService {
                     self.wake(&record.device_id);
                 }
                 tracing::info!(command_id = %record.id, device_id = %record.device_id,
-                    risk = risk_name(risk), status = %record.status, "command proposed");
+                    risk = risk.lowercase(), status = %record.status, "command proposed");
                 Ok(Proposed { record, approval })
             }
         }
@@ -966,7 +958,7 @@ pub fn reproposal_id(old: &CommandId) -> CommandId {
 /// state and the delivery attempt, so publishing the same transition twice stores it once.
 pub fn status_report(record: &CommandRecord, approval: Option<&Approval>, now: Millis) -> Value {
     let status = record.status;
-    let level = risk_name(record.risk);
+    let level = record.risk.lowercase();
     let subject = format!("{} on {}", record.command_type, record.device_id);
     let (title, detail) = match status {
         CommandStatus::PendingApproval => (

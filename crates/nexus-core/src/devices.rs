@@ -40,7 +40,7 @@ pub struct DeviceTokenTtls {
 
 impl From<&CoreConfig> for DeviceTokenTtls {
     fn from(config: &CoreConfig) -> Self {
-        let ms = |d: std::time::Duration| Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX);
+        let ms = nexus_domain::time::duration_millis;
         Self {
             access: ms(config.device_token_ttl),
             refresh: ms(config.device_refresh_ttl),

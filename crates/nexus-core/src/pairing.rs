@@ -112,7 +112,7 @@ impl PairingService {
     pub fn new(store: Arc<dyn Store>, config: &crate::CoreConfig) -> Self {
         Self {
             store,
-            ttl_millis: i64::try_from(config.pairing_ttl.as_millis()).unwrap_or(i64::MAX),
+            ttl_millis: nexus_domain::time::duration_millis(config.pairing_ttl),
             token_ttls: crate::devices::DeviceTokenTtls::from(config),
             wrong_codes: Arc::new(nexus_auth::throttle::SlidingWindowLimiter::new(
                 WRONG_CODES_PER_WINDOW,

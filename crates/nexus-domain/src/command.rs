@@ -14,6 +14,18 @@ pub enum Risk {
     Red,
 }
 
+impl Risk {
+    /// `green`, `yellow` or `red`: how the web API and reports spell it (the device contract
+    /// uses the uppercase serde form).
+    pub fn lowercase(self) -> &'static str {
+        match self {
+            Self::Green => "green",
+            Self::Yellow => "yellow",
+            Self::Red => "red",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CommandPolicy {
     pub risk: Risk,

@@ -8,6 +8,11 @@ pub fn now_millis() -> Millis {
     Utc::now().timestamp_millis()
 }
 
+/// A duration as milliseconds, saturating (configured TTLs can be absurdly large).
+pub fn duration_millis(d: std::time::Duration) -> Millis {
+    Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX)
+}
+
 pub fn rfc3339(ms: Millis) -> String {
     Utc.timestamp_millis_opt(ms)
         .single()

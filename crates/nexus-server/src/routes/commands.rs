@@ -23,12 +23,7 @@ use crate::extract::{ApiJson, ApiQuery, Authorized, Meta, perm};
 use crate::state::AppState;
 
 fn risk(r: Risk) -> String {
-    match r {
-        Risk::Green => "green",
-        Risk::Yellow => "yellow",
-        Risk::Red => "red",
-    }
-    .into()
+    r.lowercase().into()
 }
 
 pub fn command_view(c: &CommandRecord) -> CommandView {

@@ -9,6 +9,7 @@ use nexus_api::{
     MembersResponse, OrgView, ProjectView, ProjectsResponse, UpdateMemberRequest,
 };
 use nexus_core::CoreError;
+use nexus_core::auth::Principal;
 use nexus_domain::time::{now_millis, rfc3339};
 use nexus_domain::{Email, OrgId, Permission, ProjectId, UserId};
 
@@ -24,6 +25,22 @@ fn org_id(raw: &str) -> Result<OrgId, CoreError> {
             "no such organization, or you are not a member",
         )
     })
+}
+
+/// The org named in the path, once the caller's role there allows `permission`.
+async fn member_of(
+    state: &AppState,
+    principal: &Principal,
+    raw: &str,
+    permission: Permission,
+) -> Result<OrgId, CoreError> {
+    let org = org_id(raw)?;
+    state
+        .services
+        .access
+        .authorize_org(principal, &org, permission)
+        .await?;
+    Ok(org)
 }
 
 fn member_id(raw: &str) -> Result<UserId, CoreError> {
@@ -80,12 +97,7 @@ pub async fn create_project(
     Path(org): Path<String>,
     ApiJson(body): ApiJson<CreateProjectRequest>,
 ) -> ApiResult<(StatusCode, Json<ProjectView>)> {
-    let org = org_id(&org)?;
-    state
-        .services
-        .access
-        .authorize_org(&principal, &org, Permission::ManageMembers)
-        .await?;
+    let org = member_of(&state, &principal, &org, Permission::ManageMembers).await?;
     let id = ProjectId::parse("project_id", &body.project_id)?;
     let project = state
         .services
@@ -111,12 +123,7 @@ pub async fn list_projects(
     SignedIn(principal): SignedIn,
     Path(org): Path<String>,
 ) -> ApiResult<Json<ProjectsResponse>> {
-    let org = org_id(&org)?;
-    state
-        .services
-        .access
-        .authorize_org(&principal, &org, Permission::ReadMembers)
-        .await?;
+    let org = member_of(&state, &principal, &org, Permission::ReadMembers).await?;
     let projects = state.services.accounts.projects(&org).await?;
     Ok(Json(ProjectsResponse {
         projects: projects.iter().map(views::project).collect(),
@@ -132,12 +139,7 @@ pub async fn list_members(
     SignedIn(principal): SignedIn,
     Path(org): Path<String>,
 ) -> ApiResult<Json<MembersResponse>> {
-    let org = org_id(&org)?;
-    state
-        .services
-        .access
-        .authorize_org(&principal, &org, Permission::ReadMembers)
-        .await?;
+    let org = member_of(&state, &principal, &org, Permission::ReadMembers).await?;
     let members = state.services.accounts.members(&org).await?;
     Ok(Json(MembersResponse {
         members: members.iter().map(views::member).collect(),
@@ -157,12 +159,7 @@ pub async fn add_member(
     Path(org): Path<String>,
     ApiJson(body): ApiJson<AddMemberRequest>,
 ) -> ApiResult<(StatusCode, Json<AddMemberResponse>)> {
-    let org = org_id(&org)?;
-    state
-        .services
-        .access
-        .authorize_org(&principal, &org, Permission::ManageMembers)
-        .await?;
+    let org = member_of(&state, &principal, &org, Permission::ManageMembers).await?;
     let email = Email::parse(&body.email)?;
     let added = state
         .services
@@ -197,12 +194,7 @@ pub async fn update_member(
     Path((org, user)): Path<(String, String)>,
     ApiJson(body): ApiJson<UpdateMemberRequest>,
 ) -> ApiResult<Json<MemberView>> {
-    let org = org_id(&org)?;
-    state
-        .services
-        .access
-        .authorize_org(&principal, &org, Permission::ManageMembers)
-        .await?;
+    let org = member_of(&state, &principal, &org, Permission::ManageMembers).await?;
     let user = member_id(&user)?;
     let member = state
         .services
@@ -230,12 +222,7 @@ pub async fn remove_member(
     Meta(meta): Meta,
     Path((org, user)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    let org = org_id(&org)?;
-    state
-        .services
-        .access
-        .authorize_org(&principal, &org, Permission::ManageMembers)
-        .await?;
+    let org = member_of(&state, &principal, &org, Permission::ManageMembers).await?;
     let user = member_id(&user)?;
     state
         .services
