@@ -496,7 +496,9 @@ impl AuthService {
             .rotate_refresh_token(&token.hash(), &next.hash(), expires_at, now)
             .await?
         {
-            RefreshOutcome::Rotated(session) => {
+            // The user store never answers `Retried` (no retry window for people: a browser
+            // shares one refresh between its tabs); it would mean the same as `Rotated`.
+            RefreshOutcome::Rotated(session) | RefreshOutcome::Retried(session) => {
                 let user = self
                     .store
                     .user(&session.user_id)

@@ -21,6 +21,10 @@ pub struct CoreConfig {
     /// Lifetime of a device's access token and of its refresh token.
     pub device_token_ttl: Duration,
     pub device_refresh_ttl: Duration,
+    /// How long after a device refresh token was spent it may be presented again, as a retry
+    /// of a refresh whose answer was lost, while the pair it was traded for is unused.
+    /// Zero: every second presentation counts as theft and revokes the device.
+    pub device_refresh_retry_grace: Duration,
     /// Sign-in, sessions and password rules.
     pub auth: crate::auth::AuthConfig,
 }
@@ -39,6 +43,7 @@ impl Default for CoreConfig {
             credential_cache_ttl: Duration::from_secs(10),
             device_token_ttl: Duration::from_secs(7 * 24 * 3600),
             device_refresh_ttl: Duration::from_secs(30 * 24 * 3600),
+            device_refresh_retry_grace: Duration::from_secs(120),
             auth: crate::auth::AuthConfig::default(),
         }
     }

@@ -236,7 +236,8 @@ impl DeviceService {
     }
 
     /// Trades a device's refresh token for a new pair. Presenting a spent refresh token means
-    /// a copy exists somewhere: every token of the device is revoked (it must pair again).
+    /// a copy exists somewhere: every token of the device is revoked (it must pair again) —
+    /// unless it is a retry of a trade whose answer was lost (`device_refresh_retry_grace`).
     pub async fn refresh_tokens(
         &self,
         device_id: &str,
@@ -254,26 +255,19 @@ impl DeviceService {
         let presented =
             DeviceToken::from_presented_refresh(presented_refresh).ok_or_else(invalid)?;
         let (issued, hashes) = DeviceTokenTtls::from(self.config.as_ref()).issue(now);
-        match self
+        let outcome = self
             .store
-            .rotate_device_tokens(&device_id, &presented.hash(), &hashes, now)
-            .await?
-        {
-            RefreshOutcome::Rotated(credential) => {
-                let audit = meta.audit(
-                    AuditScope::Tenant(credential.tenant.clone()),
-                    now,
-                    Actor::device(&device_id),
-                    "device.token_refresh",
-                    Some(AuditTarget::new("device", &device_id)),
-                    AuditResult::Success,
-                    json!({}),
-                );
-                self.store.append_audit(&[audit]).await?;
-                // The old access token is gone from the store; drop it from caches too.
-                self.revoked(&device_id);
-                Ok(issued)
-            }
+            .rotate_device_tokens(
+                &device_id,
+                &presented.hash(),
+                &hashes,
+                now,
+                nexus_domain::time::duration_millis(self.config.device_refresh_retry_grace),
+            )
+            .await?;
+        let (credential, retried) = match outcome {
+            RefreshOutcome::Rotated(credential) => (credential, false),
+            RefreshOutcome::Retried(credential) => (credential, true),
             RefreshOutcome::Reused(credential) => {
                 let audit = meta.audit(
                     AuditScope::Tenant(credential.tenant.clone()),
@@ -290,13 +284,32 @@ impl DeviceService {
                 self.revoked(&device_id);
                 tracing::warn!(device_id = %device_id, tenant_id = %credential.tenant,
                     "device refresh token reused; device tokens revoked");
-                Err(CoreError::unauthorized(
+                return Err(CoreError::unauthorized(
                     "refresh_token_reused",
                     "this refresh token was already used; the device's tokens are revoked, pair it again",
-                ))
+                ));
             }
-            RefreshOutcome::Invalid => Err(invalid()),
-        }
+            RefreshOutcome::Invalid => return Err(invalid()),
+        };
+        let audit = meta.audit(
+            AuditScope::Tenant(credential.tenant.clone()),
+            now,
+            Actor::device(&device_id),
+            "device.token_refresh",
+            Some(AuditTarget::new("device", &device_id)),
+            AuditResult::Success,
+            // A retry means the device never got the previous answer; worth seeing if it happens
+            // often (a flaky network, or somebody probing with a copy of a spent token).
+            if retried {
+                json!({"retry_of_lost_answer": true})
+            } else {
+                json!({})
+            },
+        );
+        self.store.append_audit(&[audit]).await?;
+        // The old access token is gone from the store; drop it from caches too.
+        self.revoked(&device_id);
+        Ok(issued)
     }
 
     /// Drops cached credentials of `device` (or of every device).

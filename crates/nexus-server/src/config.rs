@@ -146,6 +146,12 @@ pub struct ServerConfig {
     #[arg(long, env = "NEXUS_DEVICE_REFRESH_TTL", default_value = "30d", value_parser = duration)]
     pub device_refresh_ttl: Duration,
 
+    /// How long a spent device refresh token may be presented again as a retry of a refresh
+    /// whose answer was lost (only while the pair it was traded for is unused). 0 turns retries
+    /// off: any second presentation revokes the device.
+    #[arg(long, env = "NEXUS_DEVICE_REFRESH_RETRY_GRACE", default_value = "2m", value_parser = duration)]
+    pub device_refresh_retry_grace: Duration,
+
     /// Password rules: `default` (at least 8 characters with a special character, not a common
     /// password, not containing the email) or `nist` (NIST SP 800-63B rev 4: at least 15
     /// characters, no composition rules, blocklist).
@@ -179,6 +185,7 @@ impl ServerConfig {
             ),
             device_token_ttl: self.device_token_ttl,
             device_refresh_ttl: self.device_refresh_ttl,
+            device_refresh_retry_grace: self.device_refresh_retry_grace,
             auth: nexus_core::auth::AuthConfig {
                 access_ttl: self.access_token_ttl,
                 refresh_ttl: self.refresh_token_ttl,

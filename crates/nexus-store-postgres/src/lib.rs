@@ -573,12 +573,13 @@ impl Store for PostgresStore {
         presented_refresh: &SecretHash,
         new: &DeviceTokenHashes,
         now: Millis,
+        retry_grace: Millis,
     ) -> StoreResult<RefreshOutcome<DeviceCredential>> {
         self.bounded(async {
-            // The refresh call names no tenant: a pre-tenant function (see the 0002 migration).
+            // The refresh call names no tenant: a pre-tenant function (see the 0004 migration).
             let row = sqlx::query(
                 "SELECT outcome, tenant, token_hash, expires_at
-                 FROM nexus_device_rotate($1, $2, $3, $4, $5, $6, $7)",
+                 FROM nexus_device_rotate($1, $2, $3, $4, $5, $6, $7, $8)",
             )
             .bind(device.as_str())
             .bind(presented_refresh.as_str())
@@ -587,6 +588,7 @@ impl Store for PostgresStore {
             .bind(new.refresh_hash.as_str())
             .bind(new.refresh_expires_at)
             .bind(now)
+            .bind(retry_grace)
             .fetch_one(&self.pool)
             .await
             .map_err(|e| write_error("device token", e))?;
@@ -605,6 +607,7 @@ impl Store for PostgresStore {
             };
             match outcome.as_str() {
                 "rotated" => Ok(RefreshOutcome::Rotated(credential()?)),
+                "retried" => Ok(RefreshOutcome::Retried(credential()?)),
                 "reused" => Ok(RefreshOutcome::Reused(credential()?)),
                 "invalid" => Ok(RefreshOutcome::Invalid),
                 other => Err(StoreError::Unexpected(anyhow::anyhow!(

@@ -295,7 +295,7 @@ impl Store for SqliteStore {
                     .execute(&mut *conn)
                     .await
                     .map_err(unexpected)?;
-                    insert_device_tokens(conn, &tenant_key(&d.tenant), &d.id, &d.tokens, d.paired_at)
+                    insert_device_tokens(conn, &tenant_key(&d.tenant), &d.id, &d.tokens, None, d.paired_at)
                         .await?;
                     write_audit(conn, &audit).await?;
                     Ok(true)
@@ -452,12 +452,15 @@ impl Store for SqliteStore {
         presented_refresh: &SecretHash,
         new: &DeviceTokenHashes,
         now: Millis,
+        retry_grace: Millis,
     ) -> StoreResult<RefreshOutcome<DeviceCredential>> {
         let (device, presented, new) = (device.clone(), presented_refresh.clone(), new.clone());
         self.writer
             .write(move |conn| {
-                async move { rotate_device_tokens(conn, &device, &presented, &new, now).await }
-                    .boxed()
+                async move {
+                    rotate_device_tokens(conn, &device, &presented, &new, now, retry_grace).await
+                }
+                .boxed()
             })
             .await
     }
@@ -953,11 +956,12 @@ async fn insert_device_tokens(
     tenant: &str,
     device: &DeviceId,
     tokens: &DeviceTokenHashes,
+    replaces: Option<&SecretHash>,
     now: Millis,
 ) -> StoreResult<()> {
     sqlx::query(
-        "INSERT INTO device_tokens (token_hash, tenant, device_id, created_at, kind, expires_at)
-         VALUES (?, ?, ?, ?, 'access', ?), (?, ?, ?, ?, 'refresh', ?)",
+        "INSERT INTO device_tokens (token_hash, tenant, device_id, created_at, kind, expires_at, replaces)
+         VALUES (?, ?, ?, ?, 'access', ?, NULL), (?, ?, ?, ?, 'refresh', ?, ?)",
     )
     .bind(tokens.access_hash.as_str())
     .bind(tenant)
@@ -969,6 +973,7 @@ async fn insert_device_tokens(
     .bind(device.as_str())
     .bind(now)
     .bind(tokens.refresh_expires_at)
+    .bind(replaces.map(SecretHash::as_str))
     .execute(&mut *conn)
     .await
     .map_err(|e| rows::write_error("device token", e))?;
@@ -999,6 +1004,7 @@ async fn rotate_device_tokens(
     presented: &SecretHash,
     new: &DeviceTokenHashes,
     now: Millis,
+    retry_grace: Millis,
 ) -> StoreResult<RefreshOutcome<DeviceCredential>> {
     let row = sqlx::query(
         "SELECT tenant, expires_at, used_at FROM device_tokens
@@ -1018,18 +1024,44 @@ async fn rotate_device_tokens(
     if now >= expires_at {
         return Ok(RefreshOutcome::Invalid);
     }
-    if used_at.is_some() {
-        return Ok(match current_credential(conn, device).await? {
-            Some(current) => RefreshOutcome::Reused(current),
-            None => RefreshOutcome::Invalid,
-        });
-    }
-    sqlx::query("UPDATE device_tokens SET used_at = ? WHERE token_hash = ? AND used_at IS NULL")
-        .bind(now)
-        .bind(presented.as_str())
-        .execute(&mut *conn)
-        .await
-        .map_err(unexpected)?;
+    let retried = match used_at {
+        None => {
+            sqlx::query("UPDATE device_tokens SET used_at = ? WHERE token_hash = ?")
+                .bind(now)
+                .bind(presented.as_str())
+                .execute(&mut *conn)
+                .await
+                .map_err(unexpected)?;
+            false
+        }
+        Some(spent_at) => {
+            // A retry only while the trade's result is untouched: its refresh token unused.
+            let successor_spent =
+                retry_grace > 0 && now.saturating_sub(spent_at) <= retry_grace && {
+                    sqlx::query(
+                        "UPDATE device_tokens SET used_at = ?
+                     WHERE device_id = ? AND kind = 'refresh' AND used_at IS NULL
+                       AND replaces = ? AND expires_at > ?",
+                    )
+                    .bind(now)
+                    .bind(device.as_str())
+                    .bind(presented.as_str())
+                    .bind(now)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(unexpected)?
+                    .rows_affected()
+                        == 1
+                };
+            if !successor_spent {
+                return Ok(match current_credential(conn, device).await? {
+                    Some(current) => RefreshOutcome::Reused(current),
+                    None => RefreshOutcome::Invalid,
+                });
+            }
+            true
+        }
+    };
     // The old access token goes; spent refresh tokens stay (reuse detection) until they expire.
     sqlx::query(
         "DELETE FROM device_tokens WHERE device_id = ?
@@ -1040,11 +1072,16 @@ async fn rotate_device_tokens(
     .execute(&mut *conn)
     .await
     .map_err(unexpected)?;
-    insert_device_tokens(conn, &tenant, device, new, now).await?;
-    Ok(RefreshOutcome::Rotated(DeviceCredential {
+    insert_device_tokens(conn, &tenant, device, new, Some(presented), now).await?;
+    let credential = DeviceCredential {
         device_id: device.clone(),
         tenant: TenantId::parse_joined(&tenant).map_err(|e| StoreError::Unexpected(e.into()))?,
         token_hash: new.access_hash.clone(),
         expires_at: new.access_expires_at,
-    }))
+    };
+    Ok(if retried {
+        RefreshOutcome::Retried(credential)
+    } else {
+        RefreshOutcome::Rotated(credential)
+    })
 }

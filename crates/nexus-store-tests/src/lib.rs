@@ -44,7 +44,7 @@ macro_rules! conformance_tests {
             concurrent_appends_never_share_or_skip_ids, event_reads_are_tenant_scoped, session_devices_are_tracked,
             one_request_spans_sessions, concurrent_duplicates_are_stored_once, concurrent_enqueues_keep_seqs_distinct_and_ordered, deleting_a_device_revokes_it,
             pairing_stores_client_details, renaming_a_device, device_tokens_rotate_detect_reuse_and_revoke,
-            concurrent_device_token_rotations_rotate_once, audit_is_written_with_the_change_and_not_for_a_no_op,
+            concurrent_device_token_rotations_rotate_once, device_refresh_retry_after_lost_answer, audit_is_written_with_the_change_and_not_for_a_no_op,
             failed_changes_write_no_audit, concurrent_audit_appends_never_fork_a_chain, audit_queries_filter_and_page_newest_first,
             orgs_projects_and_members, users_create_lookup_and_password, login_failures_are_counted_and_cleared,
             totp_steps_are_accepted_once, concurrent_totp_step_is_accepted_once, recovery_codes_are_single_use,
@@ -924,7 +924,8 @@ pub async fn deleting_a_device_revokes_it(store: DynStore) {
                 &device_id,
                 &tokens.refresh_hash,
                 &token_pair(now_millis() + 60_000, now_millis() + 60_000),
-                now_millis()
+                now_millis(),
+                0
             )
             .await
             .expect("rotate"),
@@ -1114,7 +1115,7 @@ pub async fn device_tokens_rotate_detect_reuse_and_revoke(store: DynStore) {
     ] {
         assert_eq!(
             store
-                .rotate_device_tokens(&id, &presented, &second, now)
+                .rotate_device_tokens(&id, &presented, &second, now, 0)
                 .await
                 .expect("rotate"),
             RefreshOutcome::Invalid
@@ -1130,7 +1131,7 @@ pub async fn device_tokens_rotate_detect_reuse_and_revoke(store: DynStore) {
     );
 
     let rotated = store
-        .rotate_device_tokens(&device, &first.refresh_hash, &second, now)
+        .rotate_device_tokens(&device, &first.refresh_hash, &second, now, 0)
         .await
         .expect("rotate");
     let want = DeviceCredential {
@@ -1160,7 +1161,7 @@ pub async fn device_tokens_rotate_detect_reuse_and_revoke(store: DynStore) {
     let third = token_pair(now + 3_600_000, now + 86_400_000);
     assert_eq!(
         store
-            .rotate_device_tokens(&device, &first.refresh_hash, &third, now + 1)
+            .rotate_device_tokens(&device, &first.refresh_hash, &third, now + 1, 0)
             .await
             .expect("rotate"),
         RefreshOutcome::Reused(want.clone())
@@ -1187,7 +1188,8 @@ pub async fn device_tokens_rotate_detect_reuse_and_revoke(store: DynStore) {
                 &device,
                 &second.refresh_hash,
                 &third,
-                second.refresh_expires_at
+                second.refresh_expires_at,
+                0
             )
             .await
             .expect("rotate"),
@@ -1225,7 +1227,7 @@ pub async fn device_tokens_rotate_detect_reuse_and_revoke(store: DynStore) {
     for presented in [&second.refresh_hash, &first.refresh_hash] {
         assert_eq!(
             store
-                .rotate_device_tokens(&device, presented, &third, now + 2)
+                .rotate_device_tokens(&device, presented, &third, now + 2, 0)
                 .await
                 .expect("rotate"),
             RefreshOutcome::Invalid,
@@ -1233,6 +1235,122 @@ pub async fn device_tokens_rotate_detect_reuse_and_revoke(store: DynStore) {
         );
     }
     assert!(store.device(&t, &device).await.expect("read").is_some());
+}
+
+/// A refresh whose answer was lost is retried with the same, now spent, token: within the grace
+/// period and while its successor is unused that is no theft; afterwards it is.
+pub async fn device_refresh_retry_after_lost_answer(store: DynStore) {
+    let t = tenant(&unique("org"));
+    let (device, first) = paired_device_with_tokens(&store, &t).await;
+    let now = now_millis();
+    let grace = 60_000;
+    let credential = |pair: &DeviceTokenHashes| DeviceCredential {
+        device_id: device.clone(),
+        tenant: t.clone(),
+        token_hash: pair.access_hash.clone(),
+        expires_at: pair.access_expires_at,
+    };
+    let lost = token_pair(now + 3_600_000, now + 86_400_000);
+    assert_eq!(
+        store
+            .rotate_device_tokens(&device, &first.refresh_hash, &lost, now, grace)
+            .await
+            .expect("rotate"),
+        RefreshOutcome::Rotated(credential(&lost))
+    );
+
+    // The answer never arrived; the device tries again with what it has.
+    let retried = token_pair(now + 3_600_000, now + 86_400_000);
+    assert_eq!(
+        store
+            .rotate_device_tokens(&device, &first.refresh_hash, &retried, now + 5_000, grace)
+            .await
+            .expect("retry"),
+        RefreshOutcome::Retried(credential(&retried))
+    );
+    for (hash, live, why) in [
+        (
+            &lost.access_hash,
+            false,
+            "the lost pair's access token is gone",
+        ),
+        (&retried.access_hash, true, "the retried pair works"),
+    ] {
+        assert_eq!(
+            store.device_credential(hash).await.expect("read").is_some(),
+            live,
+            "{why}"
+        );
+    }
+
+    // Lost again: still a retry, as long as the window (from the first spend) is open.
+    let again = token_pair(now + 3_600_000, now + 86_400_000);
+    assert_eq!(
+        store
+            .rotate_device_tokens(&device, &first.refresh_hash, &again, now + grace, grace)
+            .await
+            .expect("retry"),
+        RefreshOutcome::Retried(credential(&again))
+    );
+    assert!(
+        store
+            .device_credential(&retried.access_hash)
+            .await
+            .expect("read")
+            .is_none()
+    );
+
+    // Past the window the same presentation is reuse, and nothing changes.
+    let late = token_pair(now + 3_600_000, now + 86_400_000);
+    assert_eq!(
+        store
+            .rotate_device_tokens(&device, &first.refresh_hash, &late, now + grace + 1, grace)
+            .await
+            .expect("rotate"),
+        RefreshOutcome::Reused(credential(&again))
+    );
+    assert!(
+        store
+            .device_credential(&late.access_hash)
+            .await
+            .expect("read")
+            .is_none()
+    );
+
+    // A superseded pair's refresh token was never delivered: whoever presents it holds a copy.
+    let copy = token_pair(now + 3_600_000, now + 86_400_000);
+    assert_eq!(
+        store
+            .rotate_device_tokens(&device, &lost.refresh_hash, &copy, now + 10, grace)
+            .await
+            .expect("rotate"),
+        RefreshOutcome::Reused(credential(&again))
+    );
+
+    // Once the successor has been used, the predecessor is reuse even inside the window.
+    let next = token_pair(now + 3_600_000, now + 86_400_000);
+    assert_eq!(
+        store
+            .rotate_device_tokens(&device, &again.refresh_hash, &next, now + 20, grace)
+            .await
+            .expect("rotate"),
+        RefreshOutcome::Rotated(credential(&next))
+    );
+    let stale = token_pair(now + 3_600_000, now + 86_400_000);
+    assert_eq!(
+        store
+            .rotate_device_tokens(&device, &first.refresh_hash, &stale, now + 30, grace)
+            .await
+            .expect("rotate"),
+        RefreshOutcome::Reused(credential(&next))
+    );
+    assert_eq!(
+        store
+            .device_credential(&next.access_hash)
+            .await
+            .expect("read"),
+        Some(credential(&next))
+    );
 }
 
 pub async fn concurrent_device_token_rotations_rotate_once(store: DynStore) {
@@ -1246,7 +1364,7 @@ pub async fn concurrent_device_token_rotations_rotate_once(store: DynStore) {
         tasks.push(tokio::spawn(async move {
             let new = token_pair(now + 3_600_000, now + 86_400_000);
             let outcome = store
-                .rotate_device_tokens(&device, &presented, &new, now)
+                .rotate_device_tokens(&device, &presented, &new, now, 0)
                 .await
                 .expect("rotate");
             (outcome, new)
@@ -1261,6 +1379,7 @@ pub async fn concurrent_device_token_rotations_rotate_once(store: DynStore) {
                 rotated.push(cred);
             }
             (RefreshOutcome::Reused(_), _) => reused += 1,
+            (RefreshOutcome::Retried(_), _) => panic!("no retries without a grace period"),
             (RefreshOutcome::Invalid, _) => panic!("a concurrent rotation answered Invalid"),
         }
     }
@@ -2125,6 +2244,7 @@ pub async fn concurrent_refresh_rotations_rotate_once(store: DynStore) {
                 assert_eq!(s.id, session.id);
                 reused += 1;
             }
+            (RefreshOutcome::Retried(_), _) => panic!("sign-in sessions have no retries"),
             (RefreshOutcome::Invalid, _) => panic!("a concurrent rotation answered Invalid"),
         }
     }

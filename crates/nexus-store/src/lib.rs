@@ -59,6 +59,10 @@ pub struct DeviceTokenHashes {
 pub enum RefreshOutcome<T> {
     /// The token was current: it is now spent and the new one is stored.
     Rotated(T),
+    /// The token was spent moments ago and what it was traded for has never been used: the answer
+    /// to that trade was most likely lost on the way. That unused successor is now spent too and
+    /// the new one is stored (device tokens only; see `Store::rotate_device_tokens`).
+    Retried(T),
     /// The token was already spent: somebody kept a copy. Nothing was rotated; the caller
     /// revokes the whole family (and audits it).
     Reused(T),
@@ -258,12 +262,20 @@ pub trait Store: Send + Sync + 'static {
     /// is looked up by id alone (the refresh call carries no tenant); the outcome says which.
     /// `Rotated` carries the new access credential, `Reused` the current one. An expired refresh
     /// token (spent or not), another device's, or any token of a revoked device is `Invalid`.
+    ///
+    /// Lost answers: a spent refresh token presented again at most `retry_grace` after it was
+    /// spent, while the refresh token it was traded for is still unused, is a retry rather than
+    /// theft (the device never received its new pair). That successor is spent (so whoever holds
+    /// it trips reuse detection later) and `new` replaces it: `Retried` with the new credential.
+    /// The window counts from the first spend, so retries cannot stretch it. A `retry_grace` of 0
+    /// turns this off.
     async fn rotate_device_tokens(
         &self,
         device: &DeviceId,
         presented_refresh: &SecretHash,
         new: &DeviceTokenHashes,
         now: Millis,
+        retry_grace: Millis,
     ) -> StoreResult<RefreshOutcome<DeviceCredential>>;
 
     /// Invalidates every token of the device (access and refresh) without deleting it; it has

@@ -305,7 +305,10 @@ pub async fn unpair(
 }
 
 /// A device trades its refresh token for a new token pair (both rotate). Presenting a refresh
-/// token that was already used revokes all of the device's tokens (it must pair again).
+/// token that was already used revokes all of the device's tokens (it must pair again), except
+/// a retry after a lost answer: within `--device-refresh-retry-grace` of the first trade, and
+/// only while the pair it produced is unused, the same token gets a fresh pair instead (the
+/// undelivered pair stops working, and presenting it later counts as reuse).
 #[utoipa::path(post, path = "/devices/token/refresh", tag = "devices",
     request_body = DeviceTokenRefreshRequest,
     responses((status = 200, body = DeviceTokenRefreshResponse),

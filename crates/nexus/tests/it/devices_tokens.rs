@@ -484,7 +484,9 @@ async fn devices_are_listed_renamed_and_deleted_with_immediate_revocation() {
 
 #[tokio::test]
 async fn a_device_refresh_token_cannot_be_spent_twice_by_racing() {
-    let server = TestServer::start().await;
+    // Strict mode: with a retry window, racing presentations become a chain of retries instead
+    // (covered by the test below); without one, exactly one may win.
+    let server = TestServer::start_with(&["--device-refresh-retry-grace", "0s"]).await;
     let device = server.pair_device("pc").await;
     let tasks: Vec<_> = (0..10)
         .map(|_| {
@@ -518,6 +520,81 @@ async fn a_device_refresh_token_cannot_be_spent_twice_by_racing() {
         }
     }
     assert!(working <= 1, "{working} tokens work");
+}
+
+#[tokio::test]
+async fn a_refresh_whose_answer_was_lost_can_be_retried_but_a_superseded_pair_cannot() {
+    let server = TestServer::start().await;
+    let device = server.pair_device("pc").await;
+    // The server rotates, but the answer never reaches the device.
+    let (s, lost) = refresh_device(&server, &device.id, &device.refresh_token).await;
+    assert_eq!(s, 200, "{lost}");
+    // The device still has only its old pair and retries with it: a fresh pair, not a revocation.
+    let (s, retried) = refresh_device(&server, &device.id, &device.refresh_token).await;
+    assert_eq!(s, 200, "{retried}");
+    let (t_lost, r_lost) = (
+        str_of(&lost, "device_token"),
+        str_of(&lost, "refresh_token"),
+    );
+    let (t_new, r_new) = (
+        str_of(&retried, "device_token"),
+        str_of(&retried, "refresh_token"),
+    );
+    assert!(t_new != t_lost && r_new != r_lost);
+    assert_eq!(heartbeat(&server, &device.id, t_new).await.0, 200);
+    let (s, b) = heartbeat(&server, &device.id, t_lost).await;
+    assert_problem(s, &b, 401, "invalid_token");
+
+    // The pair that never arrived is dead for good: presenting it means somebody holds a copy.
+    let (s, b) = refresh_device(&server, &device.id, r_lost).await;
+    assert_problem(s, &b, 401, "refresh_token_reused");
+    let (s, b) = heartbeat(&server, &device.id, t_new).await;
+    assert_problem(s, &b, 401, "invalid_token");
+
+    let (s, logs) = status_json(
+        server
+            .web(Method::GET, "/audit/logs?limit=500")
+            .send()
+            .await
+            .expect("audit"),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let refreshes: Vec<&Value> = logs["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter(|e| {
+            e["action"] == "device.token_refresh" && e["target"]["id"] == device.id.as_str()
+        })
+        .collect();
+    assert_eq!(refreshes.len(), 2, "{logs}");
+    // Newest first: the retry is marked as one.
+    assert_eq!(
+        refreshes[0]["details"]["retry_of_lost_answer"], true,
+        "{logs}"
+    );
+    assert!(
+        refreshes[1]["details"]
+            .get("retry_of_lost_answer")
+            .is_none(),
+        "{logs}"
+    );
+}
+
+#[tokio::test]
+async fn a_refresh_retried_after_its_successor_was_used_is_reuse() {
+    let server = TestServer::start().await;
+    let device = server.pair_device("pc").await;
+    let (s, first) = refresh_device(&server, &device.id, &device.refresh_token).await;
+    assert_eq!(s, 200, "{first}");
+    let (s, second) = refresh_device(&server, &device.id, str_of(&first, "refresh_token")).await;
+    assert_eq!(s, 200, "{second}");
+    // Within the retry window, but the pair it was traded for has been used: a copy.
+    let (s, b) = refresh_device(&server, &device.id, &device.refresh_token).await;
+    assert_problem(s, &b, 401, "refresh_token_reused");
+    let (s, b) = heartbeat(&server, &device.id, str_of(&second, "device_token")).await;
+    assert_problem(s, &b, 401, "invalid_token");
 }
 
 #[tokio::test]
