@@ -130,6 +130,63 @@ impl ServerKeys {
         self.keys.iter().map(|k| k.kid.as_str())
     }
 
+    /// Whether a key named `kid` is pinned.
+    pub fn knows(&self, kid: &str) -> bool {
+        self.keys.iter().any(|k| k.kid == kid)
+    }
+
+    /// Adopts the offered keys that are endorsed by a key already pinned, following chains (a
+    /// key endorsed by a key adopted just now counts too), and returns the kids adopted. Keys
+    /// without such an endorsement are ignored, whatever the server says about them: pinning
+    /// means only the keys given at pairing, and keys they vouch for, are ever trusted.
+    pub fn adopt_endorsed(
+        &mut self,
+        offered: &[Value],
+        endorsements: &[nexus_api::KeyEndorsementView],
+    ) -> Vec<String> {
+        // Malformed offers and other key types are skipped, as in `from_jwks`.
+        let candidates: Vec<ServerKey> = offered
+            .iter()
+            .filter_map(|jwk| {
+                let set = serde_json::json!({ "keys": [jwk] });
+                ServerKeys::from_jwks(&set).ok()?.keys.into_iter().next()
+            })
+            .collect();
+        let mut adopted = Vec::new();
+        loop {
+            let mut progress = false;
+            for candidate in &candidates {
+                if self.knows(&candidate.kid) {
+                    continue;
+                }
+                let vouched = endorsements.iter().any(|e| {
+                    e.kid == candidate.kid
+                        && self
+                            .keys
+                            .iter()
+                            .find(|k| k.kid == e.signed_by)
+                            .and_then(|signer| nexus_auth::jwt::verifying_key_from_jwk_x(&signer.x))
+                            .is_some_and(|signer| {
+                                nexus_auth::jwt::verify_endorsement(
+                                    &signer,
+                                    &candidate.kid,
+                                    &candidate.x,
+                                    &e.signature,
+                                )
+                            })
+                });
+                if vouched {
+                    self.keys.push(candidate.clone());
+                    adopted.push(candidate.kid.clone());
+                    progress = true;
+                }
+            }
+            if !progress {
+                return adopted;
+            }
+        }
+    }
+
     /// Checks a detached base64url signature by the key `kid`; `None` when `kid` is unknown.
     pub fn verify(&self, kid: &str, message: &[u8], signature: &str) -> Option<bool> {
         let key = self.keys.iter().find(|k| k.kid == kid)?;
@@ -590,5 +647,124 @@ mod tests {
         ));
         // Deserialising validates too.
         assert!(serde_json::from_value::<ServerKeys>(json!({"keys": []})).is_err());
+    }
+
+    fn offer(ring: &KeyRing) -> (Vec<Value>, Vec<nexus_api::KeyEndorsementView>) {
+        let keys = ring.jwks()["keys"].as_array().unwrap().clone();
+        let endorsements = ring
+            .endorsements()
+            .into_iter()
+            .map(|e| nexus_api::KeyEndorsementView {
+                kid: e.kid,
+                signed_by: e.signed_by,
+                signature: e.signature,
+            })
+            .collect();
+        (keys, endorsements)
+    }
+
+    #[test]
+    fn keys_endorsed_by_a_pinned_key_are_adopted_through_chains() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("keys");
+        let first = KeyRing::load_or_create(&dir).unwrap();
+        let mut pinned = ServerKeys::from_jwks(&first.jwks()).unwrap();
+        let rotated = [
+            KeyRing::rotate(&dir).unwrap(),
+            KeyRing::rotate(&dir).unwrap(),
+        ];
+        let ring = KeyRing::load(&dir).unwrap().unwrap();
+        let (keys, endorsements) = offer(&ring);
+        // Only the chain middle → newest: the newest is reachable through the adopted middle.
+        let chain_only: Vec<_> = endorsements
+            .iter()
+            .filter(|e| e.signed_by != first.kids()[0] || e.kid == rotated[0])
+            .cloned()
+            .collect();
+        assert_eq!(chain_only.len(), 2);
+        let mut adopted = pinned.adopt_endorsed(&keys, &chain_only);
+        adopted.sort();
+        let mut want = rotated.to_vec();
+        want.sort();
+        assert_eq!(adopted, want);
+        assert!(pinned.knows(&rotated[1]) && pinned.knows(first.kids()[0]));
+        assert!(
+            pinned.adopt_endorsed(&keys, &endorsements).is_empty(),
+            "nothing new"
+        );
+
+        // And an approval signed by the newest key now verifies.
+        let device = DeviceId::generate();
+        let mut cmd = command("fs.delete", Risk::Red, json!({"path": "/x"}));
+        approve(&ring, &mut cmd, &device, NOW + 60_000);
+        assert_eq!(
+            check(&cmd, &device, &pinned, &AgentConfig::default(), NOW),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn keys_without_a_valid_endorsement_by_a_pinned_key_are_ignored() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("keys");
+        let first = KeyRing::load_or_create(&dir).unwrap();
+        let pinned = ServerKeys::from_jwks(&first.jwks()).unwrap();
+        let newer = KeyRing::rotate(&dir).unwrap();
+        let ring = KeyRing::load(&dir).unwrap().unwrap();
+        let (keys, endorsements) = offer(&ring);
+
+        // No endorsements at all (say, a server that merely lists a key).
+        assert!(pinned.clone().adopt_endorsed(&keys, &[]).is_empty());
+        // A tampered signature.
+        let mut tampered = endorsements.clone();
+        let sig = &mut tampered[0].signature;
+        let flipped = if sig.starts_with('A') { "B" } else { "A" };
+        sig.replace_range(0..1, flipped);
+        assert!(pinned.clone().adopt_endorsed(&keys, &tampered).is_empty());
+        // Claimed to be signed by the pinned key, but signed by another (an attacker's) key.
+        let attacker = KeyRing::ephemeral();
+        let (attacker_keys, _) = offer(&attacker);
+        let attacker_x = attacker_keys[0]["x"].as_str().unwrap();
+        let attacker_kid = attacker.kids()[0].to_owned();
+        let (_, forged_sig) = attacker
+            .sign_detached(&nexus_auth::jwt::endorsement_input(
+                &attacker_kid,
+                attacker_x,
+            ))
+            .unwrap();
+        let forged = vec![nexus_api::KeyEndorsementView {
+            kid: attacker_kid.clone(),
+            signed_by: first.kids()[0].to_owned(),
+            signature: forged_sig,
+        }];
+        assert!(
+            pinned
+                .clone()
+                .adopt_endorsed(&attacker_keys, &forged)
+                .is_empty()
+        );
+        // A genuine endorsement of the new key does not carry over to another key offered
+        // under the new key's kid.
+        let mut swapped = attacker_keys[0].clone();
+        swapped["kid"] = json!(newer);
+        assert!(
+            pinned
+                .clone()
+                .adopt_endorsed(std::slice::from_ref(&swapped), &endorsements)
+                .is_empty()
+        );
+        // The oldest key pruned: nothing the device pinned vouches for what is left.
+        KeyRing::rotate(&dir).unwrap();
+        KeyRing::prune(&dir, 2).unwrap();
+        let pruned = KeyRing::load(&dir).unwrap().unwrap();
+        assert!(!pruned.kids().contains(&first.kids()[0]));
+        let (keys, endorsements) = offer(&pruned);
+        let mut only_newest_chain = pinned.clone();
+        assert!(
+            only_newest_chain
+                .adopt_endorsed(&keys, &endorsements)
+                .is_empty(),
+            "a device that missed a pruned key must pair again"
+        );
     }
 }

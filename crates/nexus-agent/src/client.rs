@@ -160,6 +160,14 @@ impl Client {
         json_answer(request.send().await).await
     }
 
+    /// The server's keys with their endorsements (public; see `ServerKeys::adopt_endorsed`).
+    pub async fn server_keys(&self) -> Result<nexus_api::ServerKeysResponse, ApiError> {
+        let request = self
+            .http
+            .get(self.url("/.well-known/nexus-server-keys.json"));
+        json_answer(request.send().await).await
+    }
+
     // --- device calls ----------------------------------------------------------------------
 
     pub async fn refresh(

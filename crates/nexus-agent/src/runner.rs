@@ -321,7 +321,8 @@ pub struct Agent {
     paths: Paths,
     device_id: String,
     device: DeviceId,
-    keys: ServerKeys,
+    /// Pinned at pairing; grows only by endorsements from keys already here (`learn_keys`).
+    keys: Mutex<ServerKeys>,
     config: AgentConfig,
     tuning: Tuning,
     creds: Mutex<Credentials>,
@@ -363,7 +364,7 @@ impl Agent {
             client,
             device_id: creds.device_id.clone(),
             device,
-            keys,
+            keys: Mutex::new(keys),
             config,
             tuning,
             creds: Mutex::new(creds),
@@ -555,13 +556,23 @@ impl Agent {
             }
             None => {}
         }
+        // A grant by a key we do not know yet: the server may have rotated its keys since
+        // pairing. Learn endorsed keys first (before the journal says "started").
+        let unknown_key = cmd
+            .approval
+            .as_ref()
+            .is_some_and(|grant| !lock(&self.keys).knows(&grant.kid));
+        if unknown_key {
+            self.learn_keys().await;
+        }
         if let Err(e) = lock(&self.journal).started(&command_id, attempt, info.clone()) {
             // Without a record we could run it twice; better not at all (the server times it out).
             tracing::error!(command_id = %command_id, error = %e, "cannot record the command; not running it");
             return;
         }
         let now_ms = Utc::now().timestamp_millis();
-        let outcome = match authorize::check(&cmd, &self.device, &self.keys, &self.config, now_ms) {
+        let verdict = authorize::check(&cmd, &self.device, &lock(&self.keys), &self.config, now_ms);
+        let outcome = match verdict {
             Err(refusal) => ExecOutcome::Refused(refusal),
             Ok(()) => executors::execute(&cmd, &self.config).await,
         };
@@ -579,6 +590,30 @@ impl Agent {
         self.finish(&command_id, attempt, &info, &Outcome::Exec(outcome));
         self.ack(&command_id, attempt).await;
         self.outbox_wake.notify_one();
+    }
+
+    /// Fetches the server's keys and adopts those endorsed by a pinned key (see
+    /// `ServerKeys::adopt_endorsed`), saving them with the credentials. Best effort: without the
+    /// server, the keys we have are all we trust anyway.
+    async fn learn_keys(&self) {
+        let offered = match self.client.server_keys().await {
+            Ok(offered) => offered,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot fetch the server keys");
+                return;
+            }
+        };
+        let (adopted, jwks) = {
+            let mut keys = lock(&self.keys);
+            let adopted = keys.adopt_endorsed(&offered.keys, &offered.endorsements);
+            (adopted, keys.to_jwks())
+        };
+        if adopted.is_empty() {
+            return;
+        }
+        tracing::info!(kids = %adopted.join(", "), "adopted server keys endorsed by a pinned key");
+        lock(&self.creds).server_keys = jwks;
+        self.save_creds();
     }
 
     /// Sends the ack for a handled command (once: a confirmed ack is journaled). Returns false
@@ -842,6 +877,10 @@ pub async fn run(
             queued_reports = agent.queued_reports(), "nexus agent running");
     }
     agent.recover();
+    // Catch up with key rotations made while this device was away (off the start-up path: the
+    // server may be unreachable right now).
+    let learner = agent.clone();
+    tokio::spawn(async move { learner.learn_keys().await });
     let (a, b, c) = (agent.clone(), agent.clone(), agent.clone());
     let tasks = [
         tokio::spawn(async move { a.command_loop().await }),

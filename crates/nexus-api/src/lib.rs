@@ -112,6 +112,27 @@ pub struct CompletePairingResponse {
     pub project_id: String,
 }
 
+/// `GET /.well-known/nexus-server-keys.json`: the signing keys with endorsements, so a device
+/// that pinned an older key at pairing can adopt keys added since (`nexus admin keys rotate`)
+/// without trusting the answer itself.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ServerKeysResponse {
+    /// The public keys, newest (signing) first, as JWKs (the `keys` of `/.well-known/jwks.json`).
+    #[schema(value_type = Vec<Object>)]
+    pub keys: Vec<Value>,
+    /// Every key signed by every older key still in the ring.
+    pub endorsements: Vec<KeyEndorsementView>,
+}
+
+/// Key `kid` endorsed by key `signed_by`: an Ed25519 signature (base64url) over
+/// `"nexus-key-endorsement-v1\n" + kid + "\n" + x`, where `x` is the endorsed JWK's `x`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct KeyEndorsementView {
+    pub kid: String,
+    pub signed_by: String,
+    pub signature: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct HeartbeatRequest {
     /// `online` or `offline`.

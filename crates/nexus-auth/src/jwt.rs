@@ -118,6 +118,36 @@ impl RingKey {
     }
 }
 
+/// Purpose line of a key endorsement's signing input. Like `nexus-approval-v1\n` it contains a
+/// newline, which no JWS signing input can, so an endorsement can never pass as a token or an
+/// approval signature or the other way round.
+const ENDORSEMENT_PURPOSE: &str = "nexus-key-endorsement-v1\n";
+
+/// A signature by an older key over a newer key of the same ring: how a device that pinned the
+/// older key at pairing learns to trust the newer one after `nexus admin keys rotate`, without
+/// trusting whatever a server (or a man in the middle) merely claims.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyEndorsement {
+    /// The endorsed key.
+    pub kid: String,
+    /// The key that signed.
+    pub signed_by: String,
+    /// base64url Ed25519 signature over [`endorsement_input`]`(kid, x)`.
+    pub signature: String,
+}
+
+/// What an endorsement signs: the purpose line, then the endorsed key's kid and JWK `x`.
+pub fn endorsement_input(kid: &str, x: &str) -> Vec<u8> {
+    format!("{ENDORSEMENT_PURPOSE}{kid}\n{x}").into_bytes()
+}
+
+/// Whether `signer` endorsed the key `x` under the name `kid`. The kid must also be the one
+/// derived from `x`, so a valid endorsement cannot smuggle in a key under another key's name.
+pub fn verify_endorsement(signer: &VerifyingKey, kid: &str, x: &str, signature: &str) -> bool {
+    verifying_key_from_jwk_x(x).is_some_and(|key| kid_of(&key) == kid)
+        && verify_detached_with(signer, &endorsement_input(kid, x), signature)
+}
+
 /// `kid` = the first 16 characters of base64url(SHA-256(raw public key)): stable, derived from
 /// the key itself, and reveals nothing about the private half.
 /// Verifies a detached base64url Ed25519 signature (strict verification) with a public key.
@@ -368,6 +398,24 @@ impl KeyRing {
             .iter()
             .find(|k| k.kid == kid)
             .is_some_and(|k| verify_detached_with(&k.signing.verifying_key(), message, signature))
+    }
+
+    /// Every key endorsed by every older key of the ring (see [`KeyEndorsement`]). A device that
+    /// pinned any key still in the ring can follow the endorsements to all newer ones.
+    pub fn endorsements(&self) -> Vec<KeyEndorsement> {
+        let mut out = Vec::new();
+        for (i, newer) in self.keys.iter().enumerate() {
+            let x = URL_SAFE_NO_PAD.encode(newer.signing.verifying_key().as_bytes());
+            let input = endorsement_input(&newer.kid, &x);
+            for older in &self.keys[i + 1..] {
+                out.push(KeyEndorsement {
+                    kid: newer.kid.clone(),
+                    signed_by: older.kid.clone(),
+                    signature: URL_SAFE_NO_PAD.encode(older.signing.sign(&input).to_bytes()),
+                });
+            }
+        }
+        out
     }
 
     /// The public keys as a JWK Set (RFC 7517/8037), for `/.well-known/jwks.json`.
@@ -981,5 +1029,71 @@ mod tests {
             assert_eq!(kid_of(&vk), kid);
             assert_eq!(jwk.as_object().unwrap().len(), 6, "no private members");
         }
+    }
+
+    #[test]
+    fn every_key_is_endorsed_by_every_older_key_and_nothing_else_verifies() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("keys");
+        let first = KeyRing::load_or_create(&dir).unwrap();
+        assert!(first.endorsements().is_empty(), "one key endorses nothing");
+        KeyRing::rotate(&dir).unwrap();
+        KeyRing::rotate(&dir).unwrap();
+        let ring = KeyRing::load(&dir).unwrap().unwrap();
+        let kids = ring.kids();
+        let (newest, middle, oldest) = (kids[0], kids[1], kids[2]);
+        let endorsements = ring.endorsements();
+        let pairs: Vec<(&str, &str)> = endorsements
+            .iter()
+            .map(|e| (e.kid.as_str(), e.signed_by.as_str()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [(newest, middle), (newest, oldest), (middle, oldest)]
+        );
+        let jwks = ring.jwks();
+        let x_of = |kid: &str| {
+            jwks["keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|k| k["kid"] == kid)
+                .unwrap()["x"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        let key_of = |kid: &str| verifying_key_from_jwk_x(&x_of(kid)).unwrap();
+        for e in &endorsements {
+            assert!(verify_endorsement(
+                &key_of(&e.signed_by),
+                &e.kid,
+                &x_of(&e.kid),
+                &e.signature
+            ));
+            // Not by the endorsed key itself, not for another key, not under another name.
+            assert!(!verify_endorsement(
+                &key_of(&e.kid),
+                &e.kid,
+                &x_of(&e.kid),
+                &e.signature
+            ));
+            let other = if e.kid == newest { middle } else { newest };
+            assert!(!verify_endorsement(
+                &key_of(&e.signed_by),
+                &e.kid,
+                &x_of(other),
+                &e.signature
+            ));
+            assert!(!verify_endorsement(
+                &key_of(&e.signed_by),
+                other,
+                &x_of(&e.kid),
+                &e.signature
+            ));
+        }
+        // An endorsement is not an approval signature or a token signature.
+        let e = &endorsements[0];
+        assert!(!ring.verify_detached(&e.signed_by, b"nexus-approval-v1\n{}", &e.signature));
     }
 }

@@ -143,6 +143,18 @@ impl AuthService {
         }
     }
 
+    /// The public keys (JWKs, newest first) and their endorsements by older keys.
+    pub fn server_keys(&self) -> (Vec<serde_json::Value>, Vec<nexus_auth::jwt::KeyEndorsement>) {
+        match self.keys.read() {
+            Ok(keys) => {
+                let jwks = keys.jwks();
+                let list = jwks["keys"].as_array().cloned().unwrap_or_default();
+                (list, keys.endorsements())
+            }
+            Err(_) => (Vec::new(), Vec::new()),
+        }
+    }
+
     /// Signs `message` with the current signing key (approval grants): `(kid, signature)`.
     pub fn sign_detached(&self, message: &[u8]) -> CoreResult<(String, String)> {
         self.keys

@@ -126,9 +126,13 @@ pub struct ServerConfig {
     /// Directory of the Ed25519 keys that sign access tokens (PKCS#8 PEM, one per file; the
     /// newest signs, all verify). Created with one key if empty. Replicas must share it (mount the
     /// same secret). Default: <data-dir>/keys. Rotate with `nexus admin keys rotate`; servers
-    /// pick up new key files within a minute.
+    /// pick up new key files within `--keys-reload-interval`.
     #[arg(long, env = "NEXUS_JWT_KEYS_DIR")]
     pub jwt_keys_dir: Option<PathBuf>,
+
+    /// How often the key directory is read again for rotated keys.
+    #[arg(long, env = "NEXUS_KEYS_RELOAD_INTERVAL", default_value = "30s", value_parser = duration)]
+    pub keys_reload_interval: Duration,
 
     /// Lifetime of web access tokens.
     #[arg(long, env = "NEXUS_ACCESS_TOKEN_TTL", default_value = "15m", value_parser = duration)]

@@ -108,6 +108,7 @@ pub async fn launch(
     spawn_key_reload(
         services.auth.clone(),
         keys_dir,
+        config.keys_reload_interval,
         lifecycle.streams_closing.clone(),
     );
     spawn_sweeper(services.commands.clone(), lifecycle.streams_closing.clone());
@@ -163,10 +164,11 @@ async fn load_keys(dir: std::path::PathBuf) -> anyhow::Result<nexus_auth::jwt::K
 fn spawn_key_reload(
     auth: nexus_core::auth::AuthService,
     dir: std::path::PathBuf,
+    interval: std::time::Duration,
     stop: CancellationToken,
 ) {
     tokio::spawn(async move {
-        let mut every = tokio::time::interval(std::time::Duration::from_secs(30));
+        let mut every = tokio::time::interval(interval.max(std::time::Duration::from_millis(100)));
         every.tick().await;
         loop {
             tokio::select! {

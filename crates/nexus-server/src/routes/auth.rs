@@ -267,6 +267,26 @@ pub async fn stream_ticket(
     }))
 }
 
+/// The signing keys with endorsements: each key signed by every older key still kept. Devices
+/// pin the keys given at pairing and adopt a newer key only through an endorsement by a key they
+/// already trust, so after `nexus admin keys rotate` they keep accepting approval signatures.
+#[utoipa::path(get, path = "/.well-known/nexus-server-keys.json", tag = "auth",
+    responses((status = 200, body = nexus_api::ServerKeysResponse)))]
+pub async fn server_keys(State(state): State<AppState>) -> Json<nexus_api::ServerKeysResponse> {
+    let (keys, endorsements) = state.services.auth.server_keys();
+    Json(nexus_api::ServerKeysResponse {
+        keys,
+        endorsements: endorsements
+            .into_iter()
+            .map(|e| nexus_api::KeyEndorsementView {
+                kid: e.kid,
+                signed_by: e.signed_by,
+                signature: e.signature,
+            })
+            .collect(),
+    })
+}
+
 /// The public keys access tokens are signed with (JWK Set, Ed25519).
 #[utoipa::path(get, path = "/.well-known/jwks.json", tag = "auth",
     responses((status = 200, description = "JWK Set", body = Object)))]

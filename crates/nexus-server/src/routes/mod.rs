@@ -69,6 +69,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(auth::totp_disable))
         .routes(routes!(auth::stream_ticket))
         .routes(routes!(auth::jwks))
+        .routes(routes!(auth::server_keys))
         .routes(routes!(orgs::create_org))
         .routes(routes!(orgs::create_project, orgs::list_projects))
         .routes(routes!(orgs::list_members, orgs::add_member))

@@ -1102,6 +1102,110 @@ async fn short_lived_device_tokens_are_refreshed() {
     assert_ne!(now["refresh_token"], first["refresh_token"]);
 }
 
+/// After `nexus admin keys rotate` the server signs approvals with a key the device was never
+/// given; the agent adopts it because a pinned key endorses it, and runs the approved command.
+#[tokio::test]
+async fn the_agent_follows_a_server_key_rotation_through_endorsements() {
+    let server = TestServer::start_with(&["--keys-reload-interval", "200ms"]).await;
+    let mut agent = TestAgent::paired(&server, json!({})).await;
+    let kids_in = |creds: &Value| -> Vec<String> {
+        creds["server_keys"]["keys"]
+            .as_array()
+            .expect("server_keys")
+            .iter()
+            .map(|k| k["kid"].as_str().expect("kid").to_owned())
+            .collect()
+    };
+    let credentials = agent.credentials();
+    let read_creds = move || -> Value {
+        serde_json::from_slice(&std::fs::read(&credentials).expect("creds")).expect("json")
+    };
+    let pinned = kids_in(&read_creds());
+    assert_eq!(pinned.len(), 1, "{pinned:?}");
+    agent.start();
+    expect_done(
+        &server,
+        &agent,
+        "k0",
+        "shell.exec",
+        json!({"argv": ["echo", "before"]}),
+    )
+    .await;
+
+    let out = nexus_cli(
+        &[
+            "admin".into(),
+            "keys".into(),
+            "rotate".into(),
+            "--data-dir".into(),
+            server.data_dir.display().to_string(),
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout).to_string();
+    let new_kid = printed
+        .split_whitespace()
+        .nth(3)
+        .expect("new signing key <kid> in <dir>")
+        .to_owned();
+    assert!(!pinned.contains(&new_kid));
+    // Wait until the server signs with the new key (the newest is listed first).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, keys) = status_json(
+            server
+                .http
+                .get(server.url("/.well-known/nexus-server-keys.json"))
+                .send()
+                .await
+                .expect("server keys"),
+        )
+        .await;
+        if keys["keys"][0]["kid"] == new_kid.as_str() {
+            assert_eq!(
+                keys["endorsements"],
+                json!([{"kid": new_kid, "signed_by": pinned[0], "signature": keys["endorsements"][0]["signature"]}]),
+                "{keys}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server never loaded {new_kid}: {keys}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A RED command approved now carries a grant by the new key, and still runs.
+    let proposed = propose(
+        &server,
+        &agent,
+        "k1",
+        "shell.exec",
+        json!({"argv": ["echo", "after"]}),
+    )
+    .await;
+    approve(&server, &proposed).await;
+    let view = wait_status(&server, "k1", &["succeeded", "failed"]).await;
+    assert_eq!(view["status"], "succeeded", "{view}\n{}", agent.log_text());
+    assert!(
+        agent.log_count("adopted server keys endorsed by a pinned key") >= 1,
+        "{}",
+        agent.log_text()
+    );
+    // Remembered with the credentials, next to the key pinned at pairing.
+    let now = kids_in(&read_creds());
+    assert!(
+        now.contains(&new_kid) && now.contains(&pinned[0]),
+        "{now:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_removed_device_stops_its_agent() {
     let server = TestServer::start().await;

@@ -274,6 +274,7 @@ async fn openapi_document_lists_every_endpoint() {
         "/auth/mfa/totp/disable",
         "/auth/stream-ticket",
         "/.well-known/jwks.json",
+        "/.well-known/nexus-server-keys.json",
         "/orgs",
         "/orgs/{org}/projects",
         "/orgs/{org}/members",
