@@ -164,6 +164,13 @@ impl AuthService {
             .map_err(|e| CoreError::Unexpected(anyhow::anyhow!("signing: {e}")))
     }
 
+    /// Checks a signature made by [`AuthService::sign_detached`] with key `kid` of the ring.
+    pub fn verify_detached(&self, kid: &str, message: &[u8], signature: &str) -> bool {
+        self.keys
+            .read()
+            .is_ok_and(|keys| keys.verify_detached(kid, message, signature))
+    }
+
     /// Replaces the key ring (after a rotation on disk); tokens of every key still in it stay valid.
     pub fn replace_keys(&self, ring: KeyRing) {
         if let Ok(mut keys) = self.keys.write() {

@@ -726,6 +726,13 @@ impl CommandService {
             )
             .await?
         {
+            if let Err(why) =
+                self.check_grant(&delivery.command, &device.device_id, &delivery.record)
+            {
+                self.refuse_delivery(device, &delivery.record, why, now)
+                    .await?;
+                continue;
+            }
             self.publish(&delivery.record, None, now).await;
             let mut command = delivery.command;
             command.attempt = delivery.record.attempt;
@@ -737,6 +744,96 @@ impl CommandService {
             commands: deliveries.into_iter().map(|(_, c)| c).collect(),
             next_cursor: next.to_string(),
         })
+    }
+
+    /// Whether a queued body may go to its device: what needs an approval (by the record, which
+    /// the queue row cannot change, or by the body's own claim) must carry a grant for this
+    /// approval whose signature by one of our keys covers exactly the body the device would run.
+    /// The agent checks the same and refuses; checking here too means a row written into the
+    /// queue by anyone but this server (a database intruder, a bad restore) never even leaves it.
+    fn check_grant(
+        &self,
+        body: &DeviceCommand,
+        device: &DeviceId,
+        record: &CommandRecord,
+    ) -> Result<(), String> {
+        if body.command_id != record.id || *device != record.device_id {
+            return Err("the queued body names another command or device than its record".into());
+        }
+        let needs_grant = record.approval_id.is_some()
+            || record.risk == Risk::Red
+            || body.policy.risk == Risk::Red;
+        let Some(grant) = &body.approval else {
+            return if needs_grant {
+                Err("the command needs an approval but carries no signed grant".into())
+            } else {
+                Ok(())
+            };
+        };
+        if record.approval_id.as_ref() != Some(&grant.approval_id) {
+            return Err("the grant is for another approval than the command's".into());
+        }
+        let input = approval_signing_input(
+            &body.command_id,
+            device,
+            &body.command_type,
+            &body.params,
+            &grant.approval_id,
+            &grant.expires_at,
+        );
+        if self
+            .auth
+            .verify_detached(&grant.kid, &input, &grant.signature)
+        {
+            Ok(())
+        } else {
+            Err(format!(
+                "the grant's signature (key {:?}) does not verify for this command",
+                grant.kid
+            ))
+        }
+    }
+
+    /// Fails a delivered command whose grant does not hold (see `check_grant`) without handing it
+    /// to the device, loudly: this only happens if someone tampered with the store.
+    async fn refuse_delivery(
+        &self,
+        device: &AuthenticatedDevice,
+        record: &CommandRecord,
+        why: String,
+        now: Millis,
+    ) -> CoreResult<()> {
+        tracing::error!(tenant_id = %device.tenant, command_id = %record.id, device_id = %device.device_id,
+            reason = %why, "refusing to deliver a command whose approval grant does not verify; was the store tampered with?");
+        let mut audit = Self::audit(
+            &RequestMeta::default(),
+            record,
+            now,
+            Actor::system(),
+            "command.delivery_refused",
+            json!({"error": "approval_invalid", "reason": why}),
+        );
+        audit.result = AuditResult::Denied;
+        let change = CommandChange {
+            result: Some(json!({"error": "approval_invalid", "reason": why})),
+            deadline: Some(None),
+        };
+        if let Some(failed) = self
+            .store
+            .transition_command(
+                &device.tenant,
+                &record.id,
+                &[CommandStatus::Delivered],
+                CommandStatus::Failed,
+                now,
+                &change,
+                &[audit],
+            )
+            .await?
+        {
+            self.publish(&failed, None, now).await;
+        }
+        Ok(())
     }
 
     /// The device confirms it received delivery `attempt` (1 if the agent does not say).

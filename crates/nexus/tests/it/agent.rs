@@ -114,7 +114,13 @@ impl TestAgent {
     /// `nexus agent pair`, confirmed through the API after the preview shows the fingerprint
     /// the agent printed. Returns the agent's stdout.
     async fn pair(&mut self, server: &TestServer, name: &str) -> String {
-        let mut command = self.command(&["pair", "--server", &server.base, "--name", name]);
+        let base = server.base.clone();
+        self.pair_via(server, &base, name).await
+    }
+
+    /// Pairs with `server` reached at `base` (say, through a proxy).
+    async fn pair_via(&mut self, server: &TestServer, base: &str, name: &str) -> String {
+        let mut command = self.command(&["pair", "--server", base, "--name", name]);
         command.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = command.spawn().expect("spawn nexus agent pair");
         let stdout = child.stdout.take().expect("stdout");
@@ -743,10 +749,91 @@ async fn run_command_view(server: &TestServer, id: &str) -> (Value, Value) {
 
 // --- refusals ------------------------------------------------------------------------------
 
+/// A man in the middle on the agent's connection (plain HTTP): forwards bytes both ways and, on
+/// the way from the server to the agent, replaces `from` with `to` (same length, so the HTTP
+/// framing stays valid).
+struct TamperingProxy {
+    base: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TamperingProxy {
+    async fn start(server: &TestServer, from: &'static [u8], to: &'static [u8]) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        assert_eq!(from.len(), to.len());
+        let upstream = server
+            .base
+            .strip_prefix("http://")
+            .expect("a plain HTTP server")
+            .to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut server_read, mut server_write) = server.into_split();
+                    let up = async {
+                        let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                        let _ = server_write.shutdown().await;
+                    };
+                    let down = async {
+                        let mut held: Vec<u8> = Vec::new();
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match server_read.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            held.extend_from_slice(&buf[..n]);
+                            let mut at = 0;
+                            while let Some(i) =
+                                held[at..].windows(from.len()).position(|w| w == from)
+                            {
+                                held[at + i..at + i + from.len()].copy_from_slice(to);
+                                at += i + from.len();
+                            }
+                            // Hold back only a tail that could be the start of `from`.
+                            let keep = (1..from.len())
+                                .rev()
+                                .find(|k| held.ends_with(&from[..*k]))
+                                .unwrap_or(0);
+                            let send = held.len() - keep;
+                            if client_write.write_all(&held[..send]).await.is_err() {
+                                return;
+                            }
+                            held.drain(..send);
+                        }
+                        let _ = client_write.write_all(&held).await;
+                        let _ = client_write.shutdown().await;
+                    };
+                    tokio::join!(up, down);
+                });
+            }
+        });
+        Self { base, task }
+    }
+}
+
+impl Drop for TamperingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 #[tokio::test]
 async fn refusals_are_reported_as_blocked() {
     let server = TestServer::start().await;
-    let mut agent = TestAgent::paired(&server, json!({})).await;
+    let proxy = TamperingProxy::start(&server, b"approved-words", b"tampered-words").await;
+    let mut agent = TestAgent::new();
+    agent.write_policy(json!({}));
+    agent.pair_via(&server, &proxy.base, "test-pc").await;
     let outside = tempfile::tempdir().expect("outside");
     std::fs::write(outside.path().join("secret.txt"), "top secret").expect("secret");
     std::os::unix::fs::symlink(
@@ -756,8 +843,9 @@ async fn refusals_are_reported_as_blocked() {
     .expect("symlink");
     std::fs::write(agent.root().join("keep.txt"), "keep me").expect("keep");
 
-    // Tampered signature: approved while the agent is off, then the queued body is edited in
-    // the database (an attacker with database access but without the server's signing key).
+    // Tampered signature: the command is approved, then edited on its way to the device by a
+    // man in the middle without the server's signing key. (A body edited in the database never
+    // leaves the server: see `commands_written_into_the_store_are_refused_at_delivery`.)
     let proposed = propose(
         &server,
         &agent,
@@ -767,11 +855,6 @@ async fn refusals_are_reported_as_blocked() {
     )
     .await;
     approve(&server, &proposed).await;
-    let queue_table = "commands";
-    server.raw_sql(&format!(
-        "UPDATE {queue_table} SET body = replace(body, 'approved-words', 'tampered-words') \
-         WHERE id = 'c-tamper'"
-    ));
     agent.start();
     let (view, report) = run_command_view(&server, "c-tamper").await;
     let why = refused(&view, &report, "bad_signature");

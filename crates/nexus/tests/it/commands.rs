@@ -1024,13 +1024,13 @@ fn insert_forged(
     server.raw_sql(&format!("{record} {queue}"));
 }
 
-/// The server signs exactly what was approved; the agent (next issue) runs a RED command only if
-/// that signature verifies with the keys it got at pairing. So rows written into the database by
-/// anyone else — a RED command without an approval, a grant copied from another command, or the
-/// params of an approved command edited in the queue — may be handed to the device, but never as
-/// something it would run. This test plays the agent's check on everything the device receives.
+/// The server signs exactly what was approved, and checks that signature again before it hands a
+/// command to its device (the agent checks it a third time, with the keys it got at pairing). So
+/// rows written into the database by anyone else — a RED command without an approval, a grant
+/// copied from another command, the params of an approved command edited in the queue — never
+/// leave the server: they fail with `approval_invalid`, loudly, and are audited.
 #[tokio::test]
-async fn commands_written_into_the_store_are_never_delivered_as_runnable() {
+async fn commands_written_into_the_store_are_refused_at_delivery() {
     let server = TestServer::start().await;
     let device = server.pair_device("pc").await;
     let admin_id = user_id(&server, &server.admin_token).await;
@@ -1047,7 +1047,7 @@ async fn commands_written_into_the_store_are_never_delivered_as_runnable() {
     .await;
     assert_eq!(s, 202);
     let got = pulled(&server, &device, "").await;
-    assert_eq!(got.len(), 1);
+    assert_eq!(got.len(), 1, "the control case is delivered");
     assert!(
         grant_verifies(&device.server_keys, &device.id, &got[0]),
         "the control case verifies"
@@ -1081,36 +1081,19 @@ async fn commands_written_into_the_store_are_never_delivered_as_runnable() {
         &evil,
         &forged_body("forged-2", "shell.exec", &evil, Some(&legit_grant)),
     );
-    // 3. The approved command's grant with its own id, but other params.
-    let legit_id = s_owned(&legit["command_id"]);
-    let mut same_id_grant = legit_grant.clone();
-    same_id_grant["approval_id"] = legit_grant["approval_id"].clone();
+    // 3. A GREEN-looking body (no approval claimed) for a record the store calls RED.
+    let mut green_body: Value =
+        serde_json::from_str(&forged_body("forged-3", "shell.exec", &evil, None)).expect("json");
+    green_body["policy"]["risk"] = json!("GREEN");
     insert_forged(
         &server,
         &device,
         &admin_id,
         "forged-3",
-        "fs.delete",
-        &json!({"path": "/"}),
-        &forged_body(
-            &legit_id,
-            "fs.delete",
-            &json!({"path": "/"}),
-            Some(&same_id_grant),
-        ),
+        "shell.exec",
+        &evil,
+        &green_body.to_string(),
     );
-
-    let delivered = pulled(&server, &device, "").await;
-    let ids: Vec<&str> = delivered.iter().map(|c| st(&c["command_id"])).collect();
-    assert_eq!(delivered.len(), 3, "{delivered:?}");
-    for c in &delivered {
-        assert_eq!(c["policy"]["risk"], "RED", "{c}");
-        assert!(
-            !grant_verifies(&device.server_keys, &device.id, c),
-            "a command written into the store would run: {c} (delivered {ids:?})"
-        );
-    }
-    assert!(delivered[0].get("approval").is_none(), "{}", delivered[0]);
 
     // 4. An approved command whose queued params are edited after the approval.
     let approved = proposal(
@@ -1128,31 +1111,43 @@ async fn commands_written_into_the_store_are_never_delivered_as_runnable() {
     )
     .await;
     assert_eq!(s, 202);
+    let edited_id = s_owned(&approved["command_id"]);
     server.raw_sql(&format!(
-        "UPDATE commands SET body = replace(body, 'ls -la /srv', 'rm -rf /srv') WHERE id = '{}'",
-        st(&approved["command_id"])
+        "UPDATE commands SET body = replace(body, 'ls -la /srv', 'rm -rf /srv') WHERE id = '{edited_id}'"
     ));
-    let (_, page) = pull(&server, &device, "?cursor=0").await;
-    let edited = page["commands"]
-        .as_array()
-        .expect("commands")
-        .iter()
-        .find(|c| c["command_id"] == approved["command_id"])
-        .unwrap_or_else(|| panic!("the approved command is delivered: {page}"))
-        .clone();
-    assert_eq!(
-        edited["params"]["cmd"], "rm -rf /srv",
-        "the edit took effect in the queue"
-    );
-    assert!(edited["approval"].is_object(), "{edited}");
+
+    let delivered = pulled(&server, &device, "").await;
     assert!(
-        !grant_verifies(&device.server_keys, &device.id, &edited),
-        "edited params must break the signature: {edited}"
+        delivered.is_empty(),
+        "forged commands were delivered: {delivered:?}"
     );
-    // And the same bytes with the approved params verify: the check is not just failing always.
-    let mut restored = edited.clone();
-    restored["params"]["cmd"] = json!("ls -la /srv");
-    assert!(grant_verifies(&device.server_keys, &device.id, &restored));
+    let forged = ["forged-1", "forged-2", "forged-3", edited_id.as_str()];
+    for id in forged {
+        let view = command(&server, id).await;
+        assert_eq!(view["status"], "failed", "{view}");
+        assert_eq!(view["result"]["error"], "approval_invalid", "{view}");
+    }
+    // Taken out of the queue for good: not delivered on a later pull either.
+    assert!(pulled(&server, &device, "?cursor=0").await.is_empty());
+
+    let refused: Vec<Value> = audit_entries(&server)
+        .await
+        .into_iter()
+        .filter(|e| e["action"] == "command.delivery_refused")
+        .collect();
+    assert_eq!(refused.len(), forged.len(), "{refused:?}");
+    for entry in &refused {
+        assert_eq!(entry["result"], "denied", "{entry}");
+        assert_eq!(entry["details"]["error"], "approval_invalid", "{entry}");
+        assert_eq!(entry["actor"]["type"], "system", "{entry}");
+    }
+    let logs = server.log_text();
+    assert_eq!(
+        logs.matches("refusing to deliver a command whose approval grant does not verify")
+            .count(),
+        forged.len(),
+        "{logs}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
