@@ -555,8 +555,35 @@ impl AuthService {
 
     /// Resolves a bearer access token to the signed-in user, checking its session is active.
     pub async fn authenticate(&self, bearer: &str, now: Millis) -> CoreResult<Principal> {
-        let invalid =
-            || CoreError::unauthorized("invalid_token", "a valid access token is required");
+        let token = self.verify_access_token(bearer, now)?;
+        let session = self
+            .store
+            .auth_session(&token.session_id)
+            .await?
+            .ok_or_else(invalid_token)?;
+        Self::principal(session, &token.subject, now)
+    }
+
+    /// [`AuthService::authenticate`] for a token already verified, plus the user's role in
+    /// `tenant` (`None`: not a member, or no such project), in one store round trip: the path of
+    /// every tenant-scoped request.
+    pub async fn authenticate_in(
+        &self,
+        token: &VerifiedToken,
+        tenant: &TenantId,
+        now: Millis,
+    ) -> CoreResult<(Principal, Option<Role>)> {
+        let (session, role) = self
+            .store
+            .session_access(&token.session_id, tenant)
+            .await?
+            .ok_or_else(invalid_token)?;
+        Ok((Self::principal(session, &token.subject, now)?, role))
+    }
+
+    /// Checks the JWT itself (signature, expiry, issuer, audience). No I/O: whether its session
+    /// is still active is for [`AuthService::authenticate`] / [`AuthService::authenticate_in`].
+    pub fn verify_access_token(&self, bearer: &str, now: Millis) -> CoreResult<VerifiedToken> {
         let now_secs = u64::try_from(now / 1000).unwrap_or(0);
         let claims = self
             .keys
@@ -568,15 +595,18 @@ impl AuthService {
                     "token_expired",
                     "the access token has expired; refresh it",
                 ),
-                _ => invalid(),
+                _ => invalid_token(),
             })?;
-        let session_id = AuthSessionId::parse("sid", &claims.sid).map_err(|_| invalid())?;
-        let session = self
-            .store
-            .auth_session(&session_id)
-            .await?
-            .ok_or_else(invalid)?;
-        if session.user_id.as_str() != claims.sub || !session.is_active(now) {
+        let session_id = AuthSessionId::parse("sid", &claims.sid).map_err(|_| invalid_token())?;
+        Ok(VerifiedToken {
+            session_id,
+            subject: claims.sub,
+        })
+    }
+
+    /// The session must belong to the token's subject and still be active.
+    fn principal(session: AuthSession, subject: &str, now: Millis) -> CoreResult<Principal> {
+        if session.user_id.as_str() != subject || !session.is_active(now) {
             return Err(CoreError::unauthorized(
                 "session_ended",
                 "this session has ended; sign in again",
@@ -584,7 +614,7 @@ impl AuthService {
         }
         Ok(Principal {
             user_id: session.user_id,
-            session_id,
+            session_id: session.id,
             mfa: session.mfa,
         })
     }
@@ -942,20 +972,23 @@ impl AccessService {
         permission: Permission,
     ) -> CoreResult<Role> {
         let org = OrgId::from_trusted(tenant.org().to_owned());
-        let not_found = || {
+        let mut role = self.store.member_role(&org, &principal.user_id).await?;
+        if role.is_some() && self.store.project(tenant).await?.is_none() {
+            role = None;
+        }
+        Self::permit(role, permission)
+    }
+
+    /// The decision of [`AccessService::authorize`] for a role already looked up (by
+    /// `AuthService::authenticate_in`): `None` is "not found", a role without `permission` is
+    /// "forbidden".
+    pub fn permit(role: Option<Role>, permission: Permission) -> CoreResult<Role> {
+        let role = role.ok_or_else(|| {
             CoreError::not_found(
                 "tenant_not_found",
                 "no such organization or project, or you are not a member",
             )
-        };
-        let role = self
-            .store
-            .member_role(&org, &principal.user_id)
-            .await?
-            .ok_or_else(not_found)?;
-        if self.store.project(tenant).await?.is_none() {
-            return Err(not_found());
-        }
+        })?;
         Self::check(role, permission)?;
         Ok(role)
     }
@@ -991,4 +1024,15 @@ impl AccessService {
             ))
         }
     }
+}
+
+fn invalid_token() -> CoreError {
+    CoreError::unauthorized("invalid_token", "a valid access token is required")
+}
+
+/// An access token whose signature and lifetime were checked (its session not yet).
+#[derive(Debug, Clone)]
+pub struct VerifiedToken {
+    session_id: AuthSessionId,
+    subject: String,
 }

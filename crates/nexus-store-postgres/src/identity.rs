@@ -453,6 +453,33 @@ pub(crate) async fn auth_session(
     row.map(|r| auth_session_from_row(&r)).transpose()
 }
 
+pub(crate) async fn session_access(
+    store: &PostgresStore,
+    id: &AuthSessionId,
+    tenant: &TenantId,
+) -> StoreResult<Option<(AuthSession, Option<Role>)>> {
+    let row = sqlx::query(
+        "SELECT s.*, (SELECT m.role FROM org_members m
+                        JOIN projects p ON p.org = m.org AND p.id = $1
+                       WHERE m.org = $2 AND m.user_id = s.user_id) AS tenant_role
+         FROM auth_sessions s WHERE s.id = $3",
+    )
+    .bind(tenant.project())
+    .bind(tenant.org())
+    .bind(id.as_str())
+    .fetch_optional(&store.pool)
+    .await
+    .map_err(unexpected)?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let raw: Option<String> = row.try_get("tenant_role").map_err(unexpected)?;
+    Ok(Some((
+        auth_session_from_row(&row)?,
+        raw.as_deref().map(role).transpose()?,
+    )))
+}
+
 pub(crate) async fn list_auth_sessions(
     store: &PostgresStore,
     user: &UserId,

@@ -914,6 +914,15 @@ impl Store for PostgresStore {
         self.bounded(identity::auth_session(self, id)).await
     }
 
+    async fn session_access(
+        &self,
+        id: &AuthSessionId,
+        tenant: &TenantId,
+    ) -> StoreResult<Option<(AuthSession, Option<Role>)>> {
+        self.bounded(identity::session_access(self, id, tenant))
+            .await
+    }
+
     async fn list_auth_sessions(
         &self,
         user: &UserId,

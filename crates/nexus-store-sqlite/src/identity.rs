@@ -555,6 +555,33 @@ pub(crate) async fn auth_session(
     row.map(|r| auth_session_from_row(&r)).transpose()
 }
 
+pub(crate) async fn session_access(
+    store: &SqliteStore,
+    id: &AuthSessionId,
+    tenant: &TenantId,
+) -> StoreResult<Option<(AuthSession, Option<Role>)>> {
+    let row = sqlx::query(
+        "SELECT s.*, (SELECT m.role FROM org_members m
+                        JOIN projects p ON p.org = m.org AND p.id = ?
+                       WHERE m.org = ? AND m.user_id = s.user_id) AS tenant_role
+         FROM auth_sessions s WHERE s.id = ?",
+    )
+    .bind(tenant.project())
+    .bind(tenant.org())
+    .bind(id.as_str())
+    .fetch_optional(&store.read)
+    .await
+    .map_err(unexpected)?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let raw: Option<String> = row.try_get("tenant_role").map_err(unexpected)?;
+    Ok(Some((
+        auth_session_from_row(&row)?,
+        raw.as_deref().map(role).transpose()?,
+    )))
+}
+
 pub(crate) async fn list_auth_sessions(
     store: &SqliteStore,
     user: &UserId,

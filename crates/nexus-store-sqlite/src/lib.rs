@@ -706,6 +706,14 @@ impl Store for SqliteStore {
         identity::auth_session(self, id).await
     }
 
+    async fn session_access(
+        &self,
+        id: &AuthSessionId,
+        tenant: &TenantId,
+    ) -> StoreResult<Option<(AuthSession, Option<Role>)>> {
+        identity::session_access(self, id, tenant).await
+    }
+
     async fn list_auth_sessions(
         &self,
         user: &UserId,

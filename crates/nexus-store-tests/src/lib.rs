@@ -48,7 +48,7 @@ macro_rules! conformance_tests {
             failed_changes_write_no_audit, concurrent_audit_appends_never_fork_a_chain, audit_queries_filter_and_page_newest_first,
             orgs_projects_and_members, users_create_lookup_and_password, login_failures_are_counted_and_cleared,
             totp_steps_are_accepted_once, concurrent_totp_step_is_accepted_once, recovery_codes_are_single_use,
-            refresh_tokens_rotate_and_detect_reuse, concurrent_refresh_rotations_rotate_once, refresh_fails_for_revoked_or_expired_sessions,
+            refresh_tokens_rotate_and_detect_reuse, session_access_joins_session_membership_and_project, concurrent_refresh_rotations_rotate_once, refresh_fails_for_revoked_or_expired_sessions,
             revoking_all_sessions_keeps_the_current_one, stream_tickets_are_single_use_and_expire,
             idempotent_create_writes_once, approval_required_commands_are_not_queued,
             concurrent_decisions_have_one_winner, denied_approval_never_runs,
@@ -2143,6 +2143,90 @@ pub async fn recovery_codes_are_single_use(store: DynStore) {
             .expect("disable")
     );
     assert_eq!(store.recovery_codes_left(&user.id).await.expect("left"), 0);
+}
+
+/// One round trip for the session and the role in a tenant, with the same answers as
+/// `auth_session` + `member_role` + `project`.
+pub async fn session_access_joins_session_membership_and_project(store: DynStore) {
+    let now = now_millis();
+    let org_id = OrgId::parse("org", &unique("acme")).expect("org");
+    store
+        .create_org(
+            &Org {
+                id: org_id.clone(),
+                name: "Acme".into(),
+                created_at: now,
+            },
+            &[],
+        )
+        .await
+        .expect("org");
+    let web = Project {
+        org: org_id.clone(),
+        id: ProjectId::parse("p", "web").expect("project"),
+        name: "Web".into(),
+        created_at: now,
+    };
+    store.create_project(&web, &[]).await.expect("project");
+    let member = created_user(&store).await;
+    let outsider = created_user(&store).await;
+    store
+        .put_member(&org_id, &member.id, Role::Operator, now, &[])
+        .await
+        .expect("member");
+    let session_of = |user: &User| login_session(&user.id, now, now + 60_000);
+    let (mine, theirs) = (session_of(&member), session_of(&outsider));
+    for session in [&mine, &theirs] {
+        store
+            .create_auth_session(session, &SecretHash::of(&unique("r")), &[])
+            .await
+            .expect("session");
+    }
+    let in_web = web.tenant();
+    let in_missing_project = TenantId::parse(org_id.as_str(), "nope").expect("tenant");
+    let in_other_org = tenant(&unique("other"));
+
+    let access = |id: AuthSessionId, t: TenantId| {
+        let store = store.clone();
+        async move { store.session_access(&id, &t).await.expect("read") }
+    };
+    assert_eq!(
+        access(mine.id.clone(), in_web.clone()).await,
+        Some((mine.clone(), Some(Role::Operator)))
+    );
+    assert_eq!(
+        access(mine.id.clone(), in_missing_project).await,
+        Some((mine.clone(), None)),
+        "a member, but no such project"
+    );
+    assert_eq!(
+        access(mine.id.clone(), in_other_org).await,
+        Some((mine.clone(), None))
+    );
+    assert_eq!(
+        access(theirs.id.clone(), in_web.clone()).await,
+        Some((theirs.clone(), None)),
+        "not a member"
+    );
+    assert_eq!(
+        access(AuthSessionId::generate(), in_web.clone()).await,
+        None
+    );
+
+    // A role change shows at once; a revoked session comes back revoked (the caller decides).
+    store
+        .put_member(&org_id, &member.id, Role::Viewer, now, &[])
+        .await
+        .expect("role");
+    assert!(
+        store
+            .revoke_auth_session(&mine.id, now + 1, &[])
+            .await
+            .expect("revoke")
+    );
+    let (session, role) = access(mine.id.clone(), in_web).await.expect("session");
+    assert_eq!(role, Some(Role::Viewer));
+    assert_eq!(session.revoked_at, Some(now + 1));
 }
 
 pub async fn refresh_tokens_rotate_and_detect_reuse(store: DynStore) {

@@ -397,6 +397,14 @@ pub trait Store: Send + Sync + 'static {
         audit: &[AuditRecord],
     ) -> StoreResult<()>;
     async fn auth_session(&self, id: &AuthSessionId) -> StoreResult<Option<AuthSession>>;
+    /// A session together with its user's role in `tenant`: `None` for the role when the user is
+    /// not a member of the tenant's org or the project does not exist. What every tenant-scoped
+    /// request needs (`auth_session` + `member_role` + `project`), in one round trip.
+    async fn session_access(
+        &self,
+        id: &AuthSessionId,
+        tenant: &TenantId,
+    ) -> StoreResult<Option<(AuthSession, Option<Role>)>>;
     /// The user's sessions that are neither revoked nor expired, newest first.
     async fn list_auth_sessions(&self, user: &UserId, now: Millis)
     -> StoreResult<Vec<AuthSession>>;
