@@ -11,6 +11,7 @@ pub mod config;
 pub mod context;
 pub mod devices;
 pub mod error;
+pub mod housekeeping;
 pub mod hub;
 pub mod locks;
 pub mod pairing;
@@ -40,6 +41,7 @@ pub struct Services {
     pub access: auth::AccessService,
     pub accounts: accounts::AccountService,
     pub audit: audit::AuditService,
+    pub housekeeping: housekeeping::Housekeeping,
 }
 
 impl Services {
@@ -71,6 +73,7 @@ impl Services {
             access: auth::AccessService::new(store.clone()),
             accounts: accounts::AccountService::new(store.clone(), auth.clone()),
             audit: audit::AuditService::new(store.clone()),
+            housekeeping: housekeeping::Housekeeping::new(store.clone(), config.ended_retention),
             auth,
             hub,
             store,

@@ -156,6 +156,15 @@ pub struct ServerConfig {
     #[arg(long, env = "NEXUS_DEVICE_REFRESH_RETRY_GRACE", default_value = "2m", value_parser = duration)]
     pub device_refresh_retry_grace: Duration,
 
+    /// How long ended pairings, device tokens, stream tickets and sign-in sessions are kept
+    /// before housekeeping deletes them.
+    #[arg(long, env = "NEXUS_ENDED_RETENTION", default_value = "7d", value_parser = duration)]
+    pub ended_retention: Duration,
+
+    /// How often housekeeping runs.
+    #[arg(long, env = "NEXUS_HOUSEKEEPING_INTERVAL", default_value = "10m", value_parser = duration)]
+    pub housekeeping_interval: Duration,
+
     /// Password rules: `default` (at least 8 characters with a special character, not a common
     /// password, not containing the email) or `nist` (NIST SP 800-63B rev 4: at least 15
     /// characters, no composition rules, blocklist).
@@ -190,6 +199,7 @@ impl ServerConfig {
             device_token_ttl: self.device_token_ttl,
             device_refresh_ttl: self.device_refresh_ttl,
             device_refresh_retry_grace: self.device_refresh_retry_grace,
+            ended_retention: self.ended_retention,
             auth: nexus_core::auth::AuthConfig {
                 access_ttl: self.access_token_ttl,
                 refresh_ttl: self.refresh_token_ttl,

@@ -112,6 +112,11 @@ pub async fn launch(
         lifecycle.streams_closing.clone(),
     );
     spawn_sweeper(services.commands.clone(), lifecycle.streams_closing.clone());
+    spawn_housekeeping(
+        services.housekeeping.clone(),
+        config.housekeeping_interval,
+        lifecycle.streams_closing.clone(),
+    );
     if replicated {
         spawn_resync(
             services.hub.clone(),
@@ -189,6 +194,27 @@ fn spawn_key_reload(
                 Err(e) => {
                     tracing::warn!(error = %e, "reloading signing keys failed; keeping the current ones")
                 }
+            }
+        }
+    });
+}
+
+/// Deletes ended pairings, tokens and sessions now and then (`nexus_core::housekeeping`).
+fn spawn_housekeeping(
+    housekeeping: nexus_core::housekeeping::Housekeeping,
+    interval: std::time::Duration,
+    stop: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(interval.max(std::time::Duration::from_millis(100)));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            if let Err(e) = housekeeping.prune(nexus_domain::time::now_millis()).await {
+                tracing::warn!(error = %e, "housekeeping failed; trying again later");
             }
         }
     });

@@ -277,6 +277,20 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn prune_ended(&self, before: Millis) -> StoreResult<u64> {
+        self.bounded(async {
+            // Pairings and device tokens span tenants (and pending pairings have none yet): a
+            // housekeeping function (see the 0005 migration).
+            let pruned: i64 = sqlx::query_scalar("SELECT nexus_prune_ended($1)")
+                .bind(before)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(unexpected)?;
+            Ok(u64::try_from(pruned).unwrap_or(0))
+        })
+        .await
+    }
+
     async fn close(&self) {
         self.pool.close().await;
     }

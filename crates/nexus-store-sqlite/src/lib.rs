@@ -153,6 +153,33 @@ impl Store for SqliteStore {
         self.writer.ensure_running()
     }
 
+    async fn prune_ended(&self, before: Millis) -> StoreResult<u64> {
+        self.writer
+            .write(move |conn| {
+                async move {
+                    let mut pruned = 0;
+                    for sql in [
+                        "DELETE FROM pairings WHERE expires_at <= ?",
+                        "DELETE FROM device_tokens WHERE expires_at <= ?",
+                        "DELETE FROM stream_tickets WHERE expires_at <= ?",
+                        "DELETE FROM refresh_tokens WHERE session_id IN (SELECT id FROM auth_sessions
+                           WHERE expires_at <= ?1 OR revoked_at <= ?1)",
+                        "DELETE FROM auth_sessions WHERE expires_at <= ?1 OR revoked_at <= ?1",
+                    ] {
+                        pruned += sqlx::query(sql)
+                            .bind(before)
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(unexpected)?
+                            .rows_affected();
+                    }
+                    Ok(pruned)
+                }
+                .boxed()
+            })
+            .await
+    }
+
     async fn close(&self) {
         self.checkpointer.abort();
         self.writer.shutdown().await;

@@ -49,7 +49,7 @@ macro_rules! conformance_tests {
             orgs_projects_and_members, users_create_lookup_and_password, login_failures_are_counted_and_cleared,
             totp_steps_are_accepted_once, concurrent_totp_step_is_accepted_once, recovery_codes_are_single_use,
             refresh_tokens_rotate_and_detect_reuse, session_access_joins_session_membership_and_project, concurrent_refresh_rotations_rotate_once, refresh_fails_for_revoked_or_expired_sessions,
-            revoking_all_sessions_keeps_the_current_one, stream_tickets_are_single_use_and_expire,
+            revoking_all_sessions_keeps_the_current_one, stream_tickets_are_single_use_and_expire, prune_ended_deletes_only_what_ended_before_the_cutoff,
             idempotent_create_writes_once, approval_required_commands_are_not_queued,
             concurrent_decisions_have_one_winner, denied_approval_never_runs,
             expired_approvals_cannot_be_decided_and_are_swept, concurrent_expiry_and_decision_have_one_winner,
@@ -2531,6 +2531,138 @@ pub async fn revoking_all_sessions_keeps_the_current_one(store: DynStore) {
             .revoked_at
             .is_none(),
         "other users' sessions are untouched"
+    );
+}
+
+/// Housekeeping deletes only what ended before the cut-off. The ended things here lie in 1970, so
+/// this test cannot disturb tests running beside it on the same database.
+pub async fn prune_ended_deletes_only_what_ended_before_the_cutoff(store: DynStore) {
+    const CUTOFF: Millis = 10_000;
+    let now = now_millis();
+    let t = tenant(&unique("org"));
+
+    let ancient = pairing(PairingCode::generate().as_str(), 1_000);
+    let live = pairing(PairingCode::generate().as_str(), now + 60_000);
+    for p in [&ancient, &live] {
+        store
+            .create_pairing(p, p.created_at.min(p.expires_at - 1), &[])
+            .await
+            .expect("pairing");
+    }
+
+    // A device whose current access token expired long ago (its refresh token has not).
+    let (device, first) = paired_device_with_tokens(&store, &t).await;
+    let stale = token_pair(2_000, now + 86_400_000);
+    assert!(matches!(
+        store
+            .rotate_device_tokens(&device, &first.refresh_hash, &stale, now, 0)
+            .await
+            .expect("rotate"),
+        RefreshOutcome::Rotated(_)
+    ));
+
+    let user = created_user(&store).await;
+    let session = |expires_at: Millis| login_session(&user.id, 500, expires_at);
+    let expired = session(3_000);
+    let revoked_long_ago = session(now + 60_000);
+    let revoked_now = session(now + 60_000);
+    let active = session(now + 60_000);
+    let mut refresh = Vec::new();
+    for s in [&expired, &revoked_long_ago, &revoked_now, &active] {
+        let r = SecretHash::of(&unique("r"));
+        store
+            .create_auth_session(s, &r, &[])
+            .await
+            .expect("session");
+        refresh.push(r);
+    }
+    assert!(
+        store
+            .revoke_auth_session(&revoked_long_ago.id, 4_000, &[])
+            .await
+            .expect("revoke")
+    );
+    assert!(
+        store
+            .revoke_auth_session(&revoked_now.id, now, &[])
+            .await
+            .expect("revoke")
+    );
+    let ticket_hash = SecretHash::of(&unique("nxt_"));
+    store
+        .create_stream_ticket(
+            &ticket_hash,
+            &StreamTicket {
+                user_id: user.id.clone(),
+                auth_session: active.id.clone(),
+                tenant: t.clone(),
+                session_id: SessionId::parse("s", "live-1").expect("session"),
+                expires_at: 5_000,
+            },
+        )
+        .await
+        .expect("ticket");
+
+    let pruned = store.prune_ended(CUTOFF).await.expect("prune");
+    // Pairing, access token, ticket, two sessions and their two refresh tokens (at least: a
+    // concurrent test may have ended something in 1970 too).
+    assert!(pruned >= 7, "pruned {pruned}");
+
+    assert!(store.pairing(&ancient.id).await.expect("read").is_none());
+    assert!(store.pairing(&live.id).await.expect("read").is_some());
+    assert!(
+        store
+            .device_credential(&stale.access_hash)
+            .await
+            .expect("read")
+            .is_none()
+    );
+    assert!(
+        store.device(&t, &device).await.expect("read").is_some(),
+        "devices stay"
+    );
+    for (s, gone) in [
+        (&expired, true),
+        (&revoked_long_ago, true),
+        (&revoked_now, false),
+        (&active, false),
+    ] {
+        assert_eq!(
+            store.auth_session(&s.id).await.expect("read").is_none(),
+            gone,
+            "{s:?}"
+        );
+    }
+    // What is left still works: the device's refresh token, the active session's refresh token.
+    assert!(matches!(
+        store
+            .rotate_device_tokens(
+                &device,
+                &stale.refresh_hash,
+                &token_pair(now + 60_000, now + 86_400_000),
+                now,
+                0
+            )
+            .await
+            .expect("rotate"),
+        RefreshOutcome::Rotated(_)
+    ));
+    assert!(matches!(
+        store
+            .rotate_refresh_token(
+                &refresh[3],
+                &SecretHash::of(&unique("r")),
+                now + 60_000,
+                now
+            )
+            .await
+            .expect("rotate"),
+        RefreshOutcome::Rotated(_)
+    ));
+    assert_eq!(
+        store.prune_ended(CUTOFF).await.expect("again"),
+        0,
+        "idempotent"
     );
 }
 

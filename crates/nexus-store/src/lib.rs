@@ -190,6 +190,14 @@ pub struct AppendedEvent {
 pub trait Store: Send + Sync + 'static {
     /// Cheap round trip used by `/health/ready`.
     async fn ping(&self) -> StoreResult<()>;
+    /// Housekeeping: deletes what ended at or before `before` and can never be used again —
+    /// pairings past their expiry (pending or done), device tokens past their expiry (spent
+    /// refresh tokens included: reuse detection needs them only until then), stream tickets, and
+    /// sign-in sessions that expired or were revoked, with their refresh tokens. The caller
+    /// passes `now` minus a retention period, so recently ended things still answer precisely
+    /// ("expired", "session ended"). Returns how many rows went. Never touches devices, commands,
+    /// events or the audit log.
+    async fn prune_ended(&self, before: Millis) -> StoreResult<u64>;
     /// Flushes pending writes and releases the database. Further calls fail.
     async fn close(&self);
 

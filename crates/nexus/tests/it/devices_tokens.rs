@@ -362,6 +362,49 @@ async fn device_tokens_expire_and_refresh_tokens_expire_too() {
     assert_problem(s, &b, 401, "invalid_refresh_token");
 }
 
+/// Housekeeping: an expired token answers `token_expired` for the retention period, then it is
+/// deleted from the store (and answers like any unknown token); the device's refresh token, which
+/// has not expired, still works.
+#[tokio::test]
+async fn expired_device_tokens_are_deleted_after_the_retention_period() {
+    let server = TestServer::start_with(&[
+        "--device-token-ttl",
+        "1s",
+        "--ended-retention",
+        "3s",
+        "--housekeeping-interval",
+        "200ms",
+    ])
+    .await;
+    let device = server.pair_device("pc").await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (s, b) = heartbeat(&server, &device.id, &device.token).await;
+    assert_problem(s, &b, 401, "token_expired");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (s, b) = heartbeat(&server, &device.id, &device.token).await;
+        if b["code"] == "invalid_token" {
+            break;
+        }
+        assert_problem(s, &b, 401, "token_expired");
+        assert!(std::time::Instant::now() < deadline, "never pruned");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        server.log_text().contains("housekeeping: deleted"),
+        "{}",
+        server.log_text()
+    );
+    let (s, fresh) = refresh_device(&server, &device.id, &device.refresh_token).await;
+    assert_eq!(s, 200, "{fresh}");
+    assert_eq!(
+        heartbeat(&server, &device.id, str_of(&fresh, "device_token"))
+            .await
+            .0,
+        200
+    );
+}
+
 #[tokio::test]
 async fn devices_are_listed_renamed_and_deleted_with_immediate_revocation() {
     let server = TestServer::start().await;
