@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use nexus_core::bus::{EventBus, RevocationSink};
+use nexus_core::bus::{BusSinks, EventBus};
 use nexus_core::hub::Hub;
 use nexus_domain::{DeviceId, SessionId, TenantId};
 use nexus_store::StoredEvent;
@@ -22,6 +22,8 @@ use tokio::sync::mpsc;
 const CHANNEL_PREFIX: &str = "nexus:ev:";
 /// Device revocations: `origin\ndevice_id`.
 const REVOKE_CHANNEL: &str = "nexus:revoke";
+/// Commands queued for a device (wakes its long-poll on any replica): `origin\ndevice_id`.
+const COMMANDS_CHANNEL: &str = "nexus:commands";
 const QUEUE: usize = 16_384;
 const BATCH: usize = 256;
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -103,12 +105,24 @@ impl EventBus for RedisBus {
         }
     }
 
-    fn start(&self, hub: Hub, revoked: RevocationSink) {
+    fn announce_commands_queued(&self, device: &DeviceId) {
+        let message = (
+            COMMANDS_CHANNEL.to_owned(),
+            format!("{}\n{device}", self.origin).into_bytes(),
+        );
+        if self.outgoing.try_send(message).is_err() {
+            tracing::debug!(
+                "Redis publish queue full; a long-poll elsewhere finds the command on its next check"
+            );
+        }
+    }
+
+    fn start(&self, hub: Hub, sinks: BusSinks) {
         tokio::spawn(subscribe_loop(
             self.client.clone(),
             self.origin.clone(),
             hub,
-            revoked,
+            sinks,
         ));
     }
 }
@@ -145,8 +159,9 @@ async fn publish_loop(client: redis::Client, mut queue: mpsc::Receiver<(String, 
     }
 }
 
-/// Parses a revocation; `None` for our own and for malformed ones.
-fn decode_revocation(own_origin: &str, payload: &[u8]) -> Option<DeviceId> {
+/// Parses a device message (revocation, commands queued); `None` for our own and for malformed
+/// ones.
+fn decode_device_message(own_origin: &str, payload: &[u8]) -> Option<DeviceId> {
     let (origin, device) = std::str::from_utf8(payload).ok()?.split_once('\n')?;
     if origin == own_origin {
         return None;
@@ -156,15 +171,11 @@ fn decode_revocation(own_origin: &str, payload: &[u8]) -> Option<DeviceId> {
 
 async fn subscribe_all(pubsub: &mut redis::aio::PubSub) -> redis::RedisResult<()> {
     pubsub.psubscribe(format!("{CHANNEL_PREFIX}*")).await?;
-    pubsub.subscribe(REVOKE_CHANNEL).await
+    pubsub.subscribe(REVOKE_CHANNEL).await?;
+    pubsub.subscribe(COMMANDS_CHANNEL).await
 }
 
-async fn subscribe_loop(
-    client: redis::Client,
-    origin: Arc<str>,
-    hub: Hub,
-    revoked: RevocationSink,
-) {
+async fn subscribe_loop(client: redis::Client, origin: Arc<str>, hub: Hub, sinks: BusSinks) {
     let mut backoff = Duration::from_millis(100);
     loop {
         match tokio::time::timeout(TIMEOUT, client.get_async_pubsub()).await {
@@ -173,7 +184,7 @@ async fn subscribe_loop(
                     tracing::info!("subscribed to Redis; resynchronizing live sessions");
                     backoff = Duration::from_millis(100);
                     // Revocations sent while we were away are lost: forget every cached credential.
-                    revoked(None);
+                    (sinks.revoked)(None);
                     // Anything published while we were away is in the store.
                     hub.resync_all().await;
                     let mut messages = pubsub.into_on_message();
@@ -181,8 +192,12 @@ async fn subscribe_loop(
                         let (channel, payload) =
                             (message.get_channel_name(), message.get_payload_bytes());
                         if channel == REVOKE_CHANNEL {
-                            if let Some(device) = decode_revocation(&origin, payload) {
-                                revoked(Some(&device));
+                            if let Some(device) = decode_device_message(&origin, payload) {
+                                (sinks.revoked)(Some(&device));
+                            }
+                        } else if channel == COMMANDS_CHANNEL {
+                            if let Some(device) = decode_device_message(&origin, payload) {
+                                (sinks.commands_queued)(&device);
                             }
                         } else if let Some((tenant, event)) = decode(&origin, channel, payload) {
                             hub.publish(&tenant, event);
@@ -221,9 +236,12 @@ mod tests {
         let device = DeviceId::generate();
         let revocation = format!("replica-a\n{device}");
         assert_eq!(
-            decode_revocation("replica-b", revocation.as_bytes()),
+            decode_device_message("replica-b", revocation.as_bytes()),
             Some(device)
         );
-        assert_eq!(decode_revocation("replica-a", revocation.as_bytes()), None);
+        assert_eq!(
+            decode_device_message("replica-a", revocation.as_bytes()),
+            None
+        );
     }
 }

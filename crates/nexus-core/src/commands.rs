@@ -29,6 +29,7 @@ use serde_json::{Value, json};
 use tokio::sync::Notify;
 
 use crate::auth::{AuthService, Principal};
+use crate::bus::EventBus;
 use crate::context::RequestMeta;
 use crate::devices::AuthenticatedDevice;
 use crate::error::{CoreError, CoreResult};
@@ -38,9 +39,6 @@ use crate::reports::ReportService;
 pub const PULL_LIMIT: u32 = 100;
 /// Longest long-poll a device may ask for.
 pub const MAX_WAIT: Duration = Duration::from_secs(30);
-/// While long-polling, the store is also re-read this often, so a command queued on another
-/// replica is delivered without a cross-replica notification.
-const RECHECK: Duration = Duration::from_millis(500);
 /// How often the sweeper looks for expired approvals and timed-out commands.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
 const SWEEP_BATCH: u32 = 200;
@@ -81,6 +79,10 @@ pub struct CommandService {
     store: Arc<dyn Store>,
     reports: ReportService,
     auth: AuthService,
+    bus: Arc<dyn EventBus>,
+    /// How often a waiting long-poll re-reads the store, for commands queued on another replica
+    /// whose bus message was lost.
+    recheck: Duration,
     waiters: Arc<Mutex<HashMap<DeviceId, Arc<Notify>>>>,
 }
 
@@ -93,11 +95,19 @@ fn not_found() -> CoreError {
 }
 
 impl CommandService {
-    pub fn new(store: Arc<dyn Store>, reports: ReportService, auth: AuthService) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        reports: ReportService,
+        auth: AuthService,
+        bus: Arc<dyn EventBus>,
+        recheck: Duration,
+    ) -> Self {
         Self {
             store,
             reports,
             auth,
+            bus,
+            recheck: recheck.max(Duration::from_millis(10)),
             waiters: Arc::new(Mutex::new(HashMap::new())),
         }
     }
@@ -656,7 +666,14 @@ impl CommandService {
         Some(waiters.entry(device.clone()).or_default().clone())
     }
 
+    /// Commands were queued for `device`: answer its long-polls here and on the other replicas.
     fn wake(&self, device: &DeviceId) {
+        self.wake_local(device);
+        self.bus.announce_commands_queued(device);
+    }
+
+    /// Answers the long-polls of `device` waiting on this replica.
+    pub(crate) fn wake_local(&self, device: &DeviceId) {
         if let Ok(waiters) = self.waiters.lock()
             && let Some(n) = waiters.get(device)
         {
@@ -692,7 +709,7 @@ impl CommandService {
             if !delivered.commands.is_empty() || tokio::time::Instant::now() >= deadline {
                 return Ok(delivered);
             }
-            let sleep_until = deadline.min(tokio::time::Instant::now() + RECHECK);
+            let sleep_until = deadline.min(tokio::time::Instant::now() + self.recheck);
             match notified {
                 Some(n) => {
                     tokio::select! {

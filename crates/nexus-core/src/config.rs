@@ -25,6 +25,9 @@ pub struct CoreConfig {
     /// of a refresh whose answer was lost, while the pair it was traded for is unused.
     /// Zero: every second presentation counts as theft and revokes the device.
     pub device_refresh_retry_grace: Duration,
+    /// While long-polling, the store is also re-read this often, so a command queued on another
+    /// replica is delivered even when the bus message that should wake the poll is lost.
+    pub long_poll_recheck: Duration,
     /// How long ended pairings, tokens and sign-in sessions are kept before housekeeping deletes
     /// them (until then they still answer "expired" / "session ended" precisely).
     pub ended_retention: Duration,
@@ -48,6 +51,7 @@ impl Default for CoreConfig {
             device_refresh_ttl: Duration::from_secs(30 * 24 * 3600),
             device_refresh_retry_grace: Duration::from_secs(120),
             ended_retention: Duration::from_secs(7 * 24 * 3600),
+            long_poll_recheck: Duration::from_millis(500),
             auth: crate::auth::AuthConfig::default(),
         }
     }

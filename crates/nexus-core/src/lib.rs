@@ -61,13 +61,26 @@ impl Services {
         let config = Arc::new(config);
         let hub = hub::Hub::new(store.clone(), config.clone());
         let devices = devices::DeviceService::new(store.clone(), config.clone(), bus.clone());
-        let forget = devices.clone();
-        bus.start(hub.clone(), Arc::new(move |device| forget.forget(device)));
-        let reports = reports::ReportService::new(store.clone(), hub.clone(), bus);
+        let reports = reports::ReportService::new(store.clone(), hub.clone(), bus.clone());
+        let commands = commands::CommandService::new(
+            store.clone(),
+            reports.clone(),
+            auth.clone(),
+            bus.clone(),
+            config.long_poll_recheck,
+        );
+        let (forget, wake) = (devices.clone(), commands.clone());
+        bus.start(
+            hub.clone(),
+            bus::BusSinks {
+                revoked: Arc::new(move |device| forget.forget(device)),
+                commands_queued: Arc::new(move |device| wake.wake_local(device)),
+            },
+        );
         Self {
             pairing: pairing::PairingService::new(store.clone(), &config),
             devices,
-            commands: commands::CommandService::new(store.clone(), reports.clone(), auth.clone()),
+            commands,
             reports,
             streams: stream::StreamService::new(store.clone(), hub.clone(), config.clone()),
             access: auth::AccessService::new(store.clone()),

@@ -156,6 +156,11 @@ pub struct ServerConfig {
     #[arg(long, env = "NEXUS_DEVICE_REFRESH_RETRY_GRACE", default_value = "2m", value_parser = duration)]
     pub device_refresh_retry_grace: Duration,
 
+    /// How often a waiting command long-poll also re-reads the store. Commands queued on another
+    /// replica wake it at once through Redis; this is the fallback when such a message is lost.
+    #[arg(long, env = "NEXUS_LONG_POLL_RECHECK", default_value = "500ms", value_parser = duration)]
+    pub long_poll_recheck: Duration,
+
     /// How long ended pairings, device tokens, stream tickets and sign-in sessions are kept
     /// before housekeeping deletes them.
     #[arg(long, env = "NEXUS_ENDED_RETENTION", default_value = "7d", value_parser = duration)]
@@ -200,6 +205,7 @@ impl ServerConfig {
             device_refresh_ttl: self.device_refresh_ttl,
             device_refresh_retry_grace: self.device_refresh_retry_grace,
             ended_retention: self.ended_retention,
+            long_poll_recheck: self.long_poll_recheck,
             auth: nexus_core::auth::AuthConfig {
                 access_ttl: self.access_token_ttl,
                 refresh_ttl: self.refresh_token_ttl,

@@ -603,9 +603,55 @@ async fn sessions_and_tokens_are_honoured_and_revoked_on_every_replica() {
     assert_eq!(hb(&b, new_token).await.expect("hb").status(), 200);
 }
 
+/// The wake-up crosses replicas through Redis: with the store re-read only once a minute, a
+/// device long-polling A still gets a command proposed on B right away, not when its wait runs out.
+#[tokio::test]
+async fn a_command_queued_on_one_replica_wakes_a_long_poll_on_the_other() {
+    let Some(_) = postgres_superuser_url() else {
+        return;
+    };
+    let db = TestDatabase::create().await;
+    let redis = Redis::start();
+    let keys = tempfile::tempdir().expect("tempdir");
+    let slow_recheck = ["--resync-interval", "300ms", "--long-poll-recheck", "60s"];
+    let a = replica_with(&db, &redis, keys.path(), &slow_recheck).await;
+    let b = replica_with(&db, &redis, keys.path(), &slow_recheck).await;
+    let device = pair_across(&a, &b, "pc").await;
+    for (i, (poll_on, propose_on)) in [(&a, &b), (&b, &a)].into_iter().enumerate() {
+        let request = poll_on.device(
+            reqwest::Method::GET,
+            &device,
+            &format!("/commands?cursor={}&wait=20", i),
+        );
+        let poll =
+            tokio::spawn(async move { status_json(request.send().await.expect("poll")).await });
+        // Give the poll time to start waiting (it reads the store once first).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let id = format!("wake-{i}");
+        let proposed_at = std::time::Instant::now();
+        let (s, body) = propose_on
+            .post_json(
+                "/sidecar/command",
+                &json!({"command_id": id, "type": "fs.read", "device_id": device.id, "session_id": "s-wake"}),
+            )
+            .await;
+        assert_eq!(s, 202, "{body}");
+        let (s, got) = poll.await.expect("join");
+        // Not a speed target: a poll that was not woken answers only when its 20 s wait ends
+        // (it reads the store one last time then), so anything well below that means woken.
+        let waited = proposed_at.elapsed();
+        assert_eq!(s, 200, "{got}");
+        assert_eq!(got["commands"][0]["command_id"], id.as_str(), "{got}");
+        assert!(
+            waited < Duration::from_secs(10),
+            "the long-poll was not woken; it answered after {waited:?}"
+        );
+    }
+}
+
 /// Commands across replicas: a device long-polling one replica gets what was proposed or approved
-/// on the other within about a second (no cross-replica wake-up is needed: the poll re-reads the
-/// store); decisions racing on both replicas have one winner; both replicas sweep, yet an expiry
+/// on the other at once (woken through Redis; the poll also re-reads the store twice a second in
+/// case that message is lost); decisions racing on both replicas have one winner; both replicas sweep, yet an expiry
 /// happens once; a grant made by either replica verifies with the keys the device got at pairing.
 #[tokio::test]
 async fn commands_flow_across_replicas() {
