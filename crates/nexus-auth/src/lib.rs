@@ -8,6 +8,7 @@
 pub mod ip;
 pub mod jwt;
 pub mod password;
+pub mod sealed;
 pub mod throttle;
 pub mod tokens;
 pub mod totp;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use nexus_auth::jwt::{AccessClaims, KeyRing};
 use nexus_auth::password::PasswordPolicy;
+use nexus_auth::sealed::SecretBox;
 use nexus_auth::throttle::{Backoff, SlidingWindowLimiter};
 use nexus_auth::tokens::{RefreshToken, StreamTicket as TicketSecret};
 use nexus_domain::audit::{Actor, AuditRecord, AuditResult, AuditScope, AuditTarget};
@@ -96,6 +97,8 @@ pub struct TotpSetup {
 pub struct AuthService {
     store: Arc<dyn Store>,
     keys: Arc<RwLock<KeyRing>>,
+    /// Seals TOTP seeds at rest (`nexus_auth::sealed`).
+    secrets: Arc<SecretBox>,
     config: Arc<AuthConfig>,
     /// Failures per client address (this replica).
     ip_failures: Arc<SlidingWindowLimiter>,
@@ -117,10 +120,16 @@ fn blocking_failed(e: tokio::task::JoinError) -> CoreError {
 }
 
 impl AuthService {
-    pub fn new(store: Arc<dyn Store>, keys: Arc<RwLock<KeyRing>>, config: AuthConfig) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        keys: Arc<RwLock<KeyRing>>,
+        secrets: SecretBox,
+        config: AuthConfig,
+    ) -> Self {
         Self {
             store,
             keys,
+            secrets: Arc::new(secrets),
             config: Arc::new(config),
             ip_failures: Arc::new(SlidingWindowLimiter::new(
                 IP_FAILURES_PER_WINDOW,
@@ -400,10 +409,7 @@ impl AuthService {
     async fn second_factor(&self, user: &User, code: &str, now: Millis) -> CoreResult<bool> {
         let code = code.trim();
         if code.len() == 6 && code.bytes().all(|b| b.is_ascii_digit()) {
-            let Some(secret) = user.totp.secret.as_deref() else {
-                return Ok(false);
-            };
-            let Ok(secret) = nexus_auth::totp::TotpSecret::from_base32(secret) else {
+            let Some(secret) = self.totp_secret(user) else {
                 return Ok(false);
             };
             let unix = u64::try_from(now / 1000).unwrap_or(0);
@@ -419,6 +425,26 @@ impl AuthService {
                 .await?),
             None => Ok(false),
         }
+    }
+
+    /// The user's TOTP seed, opened. Seeds stored before sealing existed are plain base32 and
+    /// still work (they are sealed when MFA is next set up). A seal that does not open (another
+    /// data key, an edited row) counts as no seed: the code is refused, loudly.
+    fn totp_secret(&self, user: &User) -> Option<nexus_auth::totp::TotpSecret> {
+        let stored = user.totp.secret.as_deref()?;
+        let base32 = if SecretBox::is_sealed(stored) {
+            match self.secrets.open(&totp_context(&user.id), stored) {
+                Ok(bytes) => String::from_utf8(bytes).ok()?,
+                Err(e) => {
+                    tracing::error!(user_id = %user.id, error = %e,
+                        "a stored TOTP secret does not open; is the data key (data.key) the one it was sealed with?");
+                    return None;
+                }
+            }
+        } else {
+            stored.to_owned()
+        };
+        nexus_auth::totp::TotpSecret::from_base32(&base32).ok()
     }
 
     async fn start_session(
@@ -759,8 +785,12 @@ impl AuthService {
         let uri = nexus_auth::totp::otpauth_uri(&secret, "NEXUS", user.email.as_str());
         let qr_svg = nexus_auth::totp::qr_svg(&uri)
             .map_err(|e| CoreError::Unexpected(anyhow::anyhow!("QR code: {e}")))?;
+        let sealed = self
+            .secrets
+            .seal(&totp_context(&user.id), secret.as_base32().as_bytes())
+            .map_err(|e| CoreError::Unexpected(anyhow::anyhow!("sealing the TOTP secret: {e}")))?;
         let state = TotpState {
-            secret: Some(secret.as_base32()),
+            secret: Some(sealed),
             enabled: false,
             last_step: None,
         };
@@ -798,12 +828,7 @@ impl AuthService {
                 "two-factor authentication is already on",
             ));
         }
-        let Some(secret) = user
-            .totp
-            .secret
-            .as_deref()
-            .and_then(|s| nexus_auth::totp::TotpSecret::from_base32(s).ok())
-        else {
+        let Some(secret) = self.totp_secret(&user) else {
             return Err(CoreError::conflict(
                 "mfa_not_set_up",
                 "call /auth/mfa/totp/setup first",
@@ -1035,4 +1060,9 @@ fn invalid_token() -> CoreError {
 pub struct VerifiedToken {
     session_id: AuthSessionId,
     subject: String,
+}
+
+/// What a user's sealed TOTP seed is bound to (its row): a seal copied elsewhere does not open.
+fn totp_context(user: &UserId) -> String {
+    format!("totp:{user}")
 }

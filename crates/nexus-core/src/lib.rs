@@ -52,10 +52,12 @@ impl Services {
         config: CoreConfig,
         bus: Arc<dyn bus::EventBus>,
         keys: nexus_auth::jwt::KeyRing,
+        secrets: nexus_auth::sealed::SecretBox,
     ) -> Self {
         let auth = auth::AuthService::new(
             store.clone(),
             Arc::new(RwLock::new(keys)),
+            secrets,
             config.auth.clone(),
         );
         let config = Arc::new(config);

@@ -123,10 +123,11 @@ pub struct ServerConfig {
     #[arg(long, env = "NEXUS_DB_READ_CONNECTIONS", default_value_t = 4)]
     pub db_read_connections: u32,
 
-    /// Directory of the Ed25519 keys that sign access tokens (PKCS#8 PEM, one per file; the
-    /// newest signs, all verify). Created with one key if empty. Replicas must share it (mount the
-    /// same secret). Default: <data-dir>/keys. Rotate with `nexus admin keys rotate`; servers
-    /// pick up new key files within `--keys-reload-interval`.
+    /// Directory of the Ed25519 keys that sign access tokens and approvals (PKCS#8 PEM, one per
+    /// file; the newest signs, all verify) and of `data.key`, which seals TOTP secrets at rest.
+    /// Created with one key of each if empty. Replicas must share it (mount the same secret).
+    /// Default: <data-dir>/keys. Rotate signing keys with `nexus admin keys rotate`; servers pick
+    /// up new key files within `--keys-reload-interval`.
     #[arg(long, env = "NEXUS_JWT_KEYS_DIR")]
     pub jwt_keys_dir: Option<PathBuf>,
 

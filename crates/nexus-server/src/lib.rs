@@ -95,6 +95,7 @@ pub async fn launch(
     };
     let keys_dir = config.keys_dir();
     let keys = load_keys(keys_dir.clone()).await?;
+    let secrets = load_data_key(keys_dir.clone()).await?;
     let config = Arc::new(config);
     let lifecycle = Lifecycle::default();
     let replicated = bus.is_some();
@@ -103,6 +104,7 @@ pub async fn launch(
         config.core(),
         bus.unwrap_or_else(|| Arc::new(LocalOnly)),
         keys,
+        secrets,
     );
     bootstrap(&services, &config).await?;
     spawn_key_reload(
@@ -159,6 +161,18 @@ async fn load_keys(dir: std::path::PathBuf) -> anyhow::Result<nexus_auth::jwt::K
     tokio::task::spawn_blocking(move || {
         nexus_auth::jwt::KeyRing::load_or_create(&dir).map_err(|e| {
             anyhow::anyhow!("loading the token signing keys from {}: {e}", dir.display())
+        })
+    })
+    .await?
+}
+
+async fn load_data_key(dir: std::path::PathBuf) -> anyhow::Result<nexus_auth::sealed::SecretBox> {
+    tokio::task::spawn_blocking(move || {
+        nexus_auth::sealed::SecretBox::load_or_create(&dir).map_err(|e| {
+            anyhow::anyhow!(
+                "loading the data encryption key from {}: {e}",
+                dir.display()
+            )
         })
     })
     .await?

@@ -185,10 +185,11 @@ async fn open(args: &StoreArgs) -> anyhow::Result<Opened> {
     };
     let policy = nexus_auth::password::PasswordPolicy::from_name(&args.password_policy)
         .ok_or_else(|| anyhow::anyhow!("--password-policy must be default or nist"))?;
-    // The CLI never signs tokens; an empty key ring keeps it from touching key files.
+    // The CLI never signs tokens or reads TOTP seeds; no keys keeps it from touching key files.
     let auth = AuthService::new(
         store.clone(),
         Arc::new(std::sync::RwLock::new(nexus_auth::jwt::KeyRing::empty())),
+        nexus_auth::sealed::SecretBox::none(),
         AuthConfig {
             password_policy: policy,
             ..AuthConfig::default()

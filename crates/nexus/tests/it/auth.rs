@@ -730,6 +730,75 @@ async fn password_change_checks_the_policy_and_ends_the_other_sessions() {
     );
 }
 
+/// TOTP seeds are sealed at rest (AES-256-GCM, key `data.key` beside the signing keys): the
+/// database holds no usable seed, the key survives a restart, and a sealed seed copied into
+/// another account's row does not open there.
+#[tokio::test]
+async fn totp_secrets_are_sealed_at_rest_and_bound_to_their_account() {
+    let server = TestServer::start().await;
+    let enrol = |user: TestUser| {
+        let server = &server;
+        async move {
+            let (s, setup) = status_json(
+                server
+                    .as_user(&user.token, Method::POST, "/auth/mfa/totp/setup")
+                    .send()
+                    .await
+                    .expect("setup"),
+            )
+            .await;
+            assert_eq!(s, 200, "{setup}");
+            let secret = setup["secret"].as_str().expect("secret").to_owned();
+            let (s, enabled) = status_json(
+                server
+                    .as_user(&user.token, Method::POST, "/auth/mfa/totp/enable")
+                    .json(&json!({"code": totp_code(&secret, unix_now())}))
+                    .send()
+                    .await
+                    .expect("enable"),
+            )
+            .await;
+            assert_eq!(s, 200, "{enabled}");
+            (user, secret)
+        }
+    };
+    let (ann, ann_secret) = enrol(server.new_member(ORG, "ann@nexus.test", "viewer").await).await;
+    let (bob, _) = enrol(server.new_member(ORG, "bob@nexus.test", "viewer").await).await;
+    let stored = server.raw_sql(&format!(
+        "SELECT totp_secret FROM users WHERE id = '{}'",
+        ann.id
+    ));
+    let stored = stored.trim();
+    assert!(stored.starts_with("nxs1."), "{stored}");
+    assert!(!stored.contains(&ann_secret), "{stored}");
+    assert!(server.data_dir.join("keys").join("data.key").exists());
+
+    // Another account's row: the seal is bound to Ann's account.
+    server.raw_sql(&format!(
+        "UPDATE users SET totp_secret = (SELECT totp_secret FROM users WHERE id = '{}') WHERE id = '{}'",
+        ann.id, bob.id
+    ));
+    let next_step = totp_code(&ann_secret, unix_now() + 30);
+    let (s, body) = server
+        .login_response(&bob.email, &bob.password, Some(&next_step))
+        .await;
+    assert_problem(s, &body, 401, "invalid_mfa_code");
+    assert!(
+        server.log_text().contains("does not open"),
+        "{}",
+        server.log_text()
+    );
+
+    // The key is on disk: after a restart Ann's second factor still works.
+    let server = server.restart().await;
+    let (s, body) = server
+        .login_response(&ann.email, &ann.password, Some(&next_step))
+        .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(jwt_parts(&access(&body)).1["mfa"], true);
+    assert_no_secrets(&server.log_text(), &[&ann_secret], "logs");
+}
+
 #[tokio::test]
 async fn totp_codes_work_once_and_recovery_codes_work_once() {
     let server = TestServer::start().await;

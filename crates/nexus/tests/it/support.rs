@@ -322,13 +322,14 @@ impl TestServer {
     }
 
     /// Runs SQL against this server's store with full rights (an attacker with database
-    /// access): `sqlite3` on the SQLite file, `psql` as the superuser on PostgreSQL.
-    pub fn raw_sql(&self, sql: &str) {
+    /// access): `sqlite3` on the SQLite file, `psql` as the superuser on PostgreSQL. Returns what
+    /// the query printed (unaligned, one row per line).
+    pub fn raw_sql(&self, sql: &str) -> String {
         match self.database_url() {
             Some(app_url) => {
                 let name = app_url.rsplit('/').next().expect("database name");
                 let superuser = postgres_superuser_url().expect("PostgreSQL");
-                psql(&replace_database(&superuser, name), sql);
+                psql(&replace_database(&superuser, name), sql)
             }
             None => {
                 let out = Command::new("sqlite3")
@@ -341,6 +342,7 @@ impl TestServer {
                     "sqlite3 {sql}: {}",
                     String::from_utf8_lossy(&out.stderr)
                 );
+                String::from_utf8_lossy(&out.stdout).into_owned()
             }
         }
     }
@@ -781,9 +783,9 @@ fn ulid_like() -> String {
     format!("{:x}{:x}", nanos, std::process::id())
 }
 
-pub fn psql(url: &str, sql: &str) {
+pub fn psql(url: &str, sql: &str) -> String {
     let out = Command::new("psql")
-        .args([url, "-v", "ON_ERROR_STOP=1", "-qc", sql])
+        .args([url, "-v", "ON_ERROR_STOP=1", "-qAtc", sql])
         .output()
         .expect("psql");
     assert!(
@@ -791,6 +793,7 @@ pub fn psql(url: &str, sql: &str) {
         "psql {sql}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn replace_database(url: &str, database: &str) -> String {
