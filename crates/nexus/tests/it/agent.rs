@@ -1215,27 +1215,7 @@ async fn the_agent_follows_a_server_key_rotation_through_endorsements() {
     )
     .await;
 
-    let out = nexus_cli(
-        &[
-            "admin".into(),
-            "keys".into(),
-            "rotate".into(),
-            "--data-dir".into(),
-            server.data_dir.display().to_string(),
-        ],
-        None,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let printed = String::from_utf8_lossy(&out.stdout).to_string();
-    let new_kid = printed
-        .split_whitespace()
-        .nth(3)
-        .expect("new signing key <kid> in <dir>")
-        .to_owned();
+    let new_kid = server.rotate_signing_key();
     assert!(!pinned.contains(&new_kid));
     // Wait until the server signs with the new key (the newest is listed first).
     let deadline = Instant::now() + WAIT;

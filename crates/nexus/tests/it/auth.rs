@@ -1101,27 +1101,7 @@ async fn access_tokens_expire_and_rotated_keys_load_without_logging_anyone_out()
         .as_str()
         .expect("kid")
         .to_owned();
-    let out = nexus_cli(
-        &[
-            "admin".into(),
-            "keys".into(),
-            "rotate".into(),
-            "--data-dir".into(),
-            rotating.data_dir.display().to_string(),
-        ],
-        None,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let printed = String::from_utf8_lossy(&out.stdout).to_string();
-    let new_kid = printed
-        .split_whitespace()
-        .nth(3)
-        .expect("new signing key <kid> in <dir>")
-        .to_owned();
+    let new_kid = rotating.rotate_signing_key();
     assert_ne!(new_kid, old_kid);
 
     // Expired = exp plus the 30 s skew allowance has passed; the reload ticks 30 s after start.

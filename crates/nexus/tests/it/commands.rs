@@ -211,12 +211,6 @@ fn s_owned(v: &Value) -> String {
     st(v).to_owned()
 }
 
-async fn audit_entries(server: &TestServer) -> Vec<Value> {
-    let (s, page) = get_as(server, &server.admin_token, "/audit/logs?limit=500").await;
-    assert_eq!(s, 200, "{page}");
-    page["entries"].as_array().expect("entries").clone()
-}
-
 // ---------------------------------------------------------------------------------------------
 // Risk paths
 
@@ -734,7 +728,8 @@ async fn an_untouched_approval_expires_by_itself_and_can_be_reproposed() {
     wait_status(&server, st(&late["command_id"]), "expired", WAIT).await;
     assert!(pulled(&server, &device, "?cursor=0").await.is_empty());
 
-    let expiries: Vec<Value> = audit_entries(&server)
+    let expiries: Vec<Value> = server
+        .audit_entries()
         .await
         .into_iter()
         .filter(|e| e["action"] == "approval.expire")
@@ -819,7 +814,8 @@ async fn twenty_concurrent_decisions_have_exactly_one_winner() {
         }
         cursor = s_owned(&page["next_cursor"]);
         assert!(pulled(&server, &device, "?cursor=0").await.is_empty());
-        let decisions = audit_entries(&server)
+        let decisions = server
+            .audit_entries()
             .await
             .into_iter()
             .filter(|e| {
@@ -1130,7 +1126,8 @@ async fn commands_written_into_the_store_are_refused_at_delivery() {
     // Taken out of the queue for good: not delivered on a later pull either.
     assert!(pulled(&server, &device, "?cursor=0").await.is_empty());
 
-    let refused: Vec<Value> = audit_entries(&server)
+    let refused: Vec<Value> = server
+        .audit_entries()
         .await
         .into_iter()
         .filter(|e| e["action"] == "command.delivery_refused")
@@ -1755,7 +1752,7 @@ async fn every_step_is_audited_with_its_actor_and_correlation_id() {
         202
     );
 
-    let entries = audit_entries(&server).await;
+    let entries = server.audit_entries().await;
     let find = |action: &str, target: &str| -> Value {
         entries
             .iter()

@@ -295,16 +295,8 @@ async fn device_tokens_rotate_and_a_reused_refresh_token_revokes_the_device() {
         200
     );
 
-    let (s, logs) = status_json(
-        server
-            .web(Method::GET, "/audit/logs?limit=500")
-            .send()
-            .await
-            .expect("audit"),
-    )
-    .await;
-    assert_eq!(s, 200);
-    let entries = logs["entries"].as_array().expect("entries");
+    let entries = server.audit_entries().await;
+    let logs = Value::Array(entries.clone());
     let of = |action: &str| {
         entries
             .iter()
@@ -594,18 +586,9 @@ async fn a_refresh_whose_answer_was_lost_can_be_retried_but_a_superseded_pair_ca
     let (s, b) = heartbeat(&server, &device.id, t_new).await;
     assert_problem(s, &b, 401, "invalid_token");
 
-    let (s, logs) = status_json(
-        server
-            .web(Method::GET, "/audit/logs?limit=500")
-            .send()
-            .await
-            .expect("audit"),
-    )
-    .await;
-    assert_eq!(s, 200);
-    let refreshes: Vec<&Value> = logs["entries"]
-        .as_array()
-        .expect("entries")
+    let entries = server.audit_entries().await;
+    let logs = Value::Array(entries.clone());
+    let refreshes: Vec<&Value> = entries
         .iter()
         .filter(|e| {
             e["action"] == "device.token_refresh" && e["target"]["id"] == device.id.as_str()

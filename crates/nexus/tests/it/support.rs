@@ -347,6 +347,44 @@ impl TestServer {
         }
     }
 
+    /// The tenant's audit entries (newest first, up to 500), read as the admin.
+    pub async fn audit_entries(&self) -> Vec<Value> {
+        let (s, page) = status_json(
+            self.web(reqwest::Method::GET, "/audit/logs?limit=500")
+                .send()
+                .await
+                .expect("audit"),
+        )
+        .await;
+        assert_eq!(s, 200, "{page}");
+        page["entries"].as_array().expect("entries").clone()
+    }
+
+    /// `nexus admin keys rotate` on this server's key directory; returns the new key's kid.
+    pub fn rotate_signing_key(&self) -> String {
+        let out = nexus_cli(
+            &[
+                "admin".into(),
+                "keys".into(),
+                "rotate".into(),
+                "--data-dir".into(),
+                self.data_dir.display().to_string(),
+            ],
+            None,
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let printed = String::from_utf8_lossy(&out.stdout).to_string();
+        printed
+            .split_whitespace()
+            .nth(3)
+            .expect("new signing key <kid> in <dir>")
+            .to_owned()
+    }
+
     /// Signs in and returns the access token (panics on failure).
     pub async fn login(&self, email: &str, password: &str) -> String {
         let (s, body) = status_json(
