@@ -50,5 +50,7 @@ cargo test --workspace --locked "$@"
 
 if [ "${NEXUS_SKIP_POSTGRES:-}" != 1 ]; then
   echo "== integration tests with every server on PostgreSQL"
-  NEXUS_TEST_BACKEND=postgres cargo test --locked -p nexus --test it
+  # `--workspace --test it` selects the same test as `-p nexus --test it`, but with the first
+  # pass's feature set, so the dependencies are not compiled a second time.
+  NEXUS_TEST_BACKEND=postgres cargo test --workspace --locked --test it
 fi
