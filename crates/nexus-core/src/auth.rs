@@ -645,15 +645,6 @@ impl AuthService {
         })
     }
 
-    /// Whether a principal's session is still active (long-lived requests re-check this).
-    pub async fn still_signed_in(&self, principal: &Principal, now: Millis) -> CoreResult<bool> {
-        Ok(self
-            .store
-            .auth_session(&principal.session_id)
-            .await?
-            .is_some_and(|s| s.user_id == principal.user_id && s.is_active(now)))
-    }
-
     pub async fn logout(
         &self,
         principal: &Principal,
@@ -944,7 +935,7 @@ impl AuthService {
         presented: &str,
         session: &SessionId,
         now: Millis,
-    ) -> CoreResult<(Principal, TenantId)> {
+    ) -> CoreResult<(Principal, TenantId, Option<Role>)> {
         let invalid = || {
             CoreError::unauthorized(
                 "invalid_ticket",
@@ -960,11 +951,11 @@ impl AuthService {
         if &ticket.session_id != session {
             return Err(invalid());
         }
-        let auth_session = self
+        let (auth_session, role) = self
             .store
-            .auth_session(&ticket.auth_session)
+            .session_access(&ticket.auth_session, &ticket.tenant)
             .await?
-            .filter(|s| s.is_active(now))
+            .filter(|(s, _)| s.is_active(now) && s.user_id == ticket.user_id)
             .ok_or_else(invalid)?;
         Ok((
             Principal {
@@ -973,7 +964,31 @@ impl AuthService {
                 mfa: auth_session.mfa,
             },
             ticket.tenant,
+            role,
         ))
+    }
+
+    /// Whether `principal`'s session is still active, and its role in `tenant` now (`None`: no
+    /// longer a member, or the project is gone): one store round trip, for long-lived requests.
+    pub async fn access_now(
+        &self,
+        principal: &Principal,
+        tenant: &TenantId,
+        now: Millis,
+    ) -> CoreResult<(bool, Option<Role>)> {
+        Ok(
+            match self
+                .store
+                .session_access(&principal.session_id, tenant)
+                .await?
+            {
+                Some((session, role)) => (
+                    session.user_id == principal.user_id && session.is_active(now),
+                    role,
+                ),
+                None => (false, None),
+            },
+        )
     }
 }
 
@@ -990,22 +1005,9 @@ impl AccessService {
         Self { store }
     }
 
-    pub async fn authorize(
-        &self,
-        principal: &Principal,
-        tenant: &TenantId,
-        permission: Permission,
-    ) -> CoreResult<Role> {
-        let org = OrgId::from_trusted(tenant.org().to_owned());
-        let mut role = self.store.member_role(&org, &principal.user_id).await?;
-        if role.is_some() && self.store.project(tenant).await?.is_none() {
-            role = None;
-        }
-        Self::permit(role, permission)
-    }
-
-    /// The decision of [`AccessService::authorize`] for a role already looked up (by
-    /// `AuthService::authenticate_in`): `None` is "not found", a role without `permission` is
+    /// The decision for a tenant, given the caller's role there as looked up together with the
+    /// session (`AuthService::authenticate_in`, `access_now`, `redeem_stream_ticket`): `None`
+    /// (not a member, or no such project) is "not found", a role without `permission` is
     /// "forbidden".
     pub fn permit(role: Option<Role>, permission: Permission) -> CoreResult<Role> {
         let role = role.ok_or_else(|| {

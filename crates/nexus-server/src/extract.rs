@@ -383,21 +383,13 @@ impl<P: Requires> FromRequestParts<AppState> for Authorized<P> {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        // Same answers as `SignedIn` then `authorize`, in one store round trip: the token is
-        // checked first (401), then the tenant headers (400), then session and membership.
-        let token = bearer(&parts.headers).ok_or_else(authentication_required)?;
-        let now = now_millis();
-        let verified = state.services.auth.verify_access_token(token, now)?;
-        let tenant = tenant_from_headers(parts)?.ok_or_else(tenant_required)?;
-        let (principal, role) = state
-            .services
-            .auth
-            .authenticate_in(&verified, &tenant, now)
-            .await?;
-        let span = tracing::Span::current();
-        span.record("user_id", tracing::field::display(&principal.user_id));
-        span.record("tenant_id", tracing::field::display(&tenant));
-        let role = nexus_core::auth::AccessService::permit(role, P::PERMISSION)?;
+        let (principal, tenant, role) = authorize_bearer(
+            state,
+            &parts.headers,
+            || tenant_from_headers(parts),
+            P::PERMISSION,
+        )
+        .await?;
         Ok(Self {
             principal,
             tenant,
@@ -407,17 +399,28 @@ impl<P: Requires> FromRequestParts<AppState> for Authorized<P> {
     }
 }
 
-/// Membership and role check for `tenant`; records the tenant on the request's log span.
-pub async fn authorize(
+/// The bearer's user, in the tenant `tenant` names, with a role that allows `permission`: the
+/// same answers as `signed_in` then `authorize`, in one store round trip. The token is checked
+/// first (401), then the tenant (400 when missing), then session, membership and role (401,
+/// 404, 403).
+pub async fn authorize_bearer(
     state: &AppState,
-    principal: &Principal,
-    tenant: &TenantId,
+    headers: &axum::http::HeaderMap,
+    tenant: impl FnOnce() -> Result<Option<TenantId>, ApiError>,
     permission: Permission,
-) -> Result<Role, ApiError> {
-    tracing::Span::current().record("tenant_id", tracing::field::display(tenant));
-    Ok(state
+) -> Result<(Principal, TenantId, Role), ApiError> {
+    let token = bearer(headers).ok_or_else(authentication_required)?;
+    let now = now_millis();
+    let verified = state.services.auth.verify_access_token(token, now)?;
+    let tenant = tenant()?.ok_or_else(tenant_required)?;
+    let (principal, role) = state
         .services
-        .access
-        .authorize(principal, tenant, permission)
-        .await?)
+        .auth
+        .authenticate_in(&verified, &tenant, now)
+        .await?;
+    let span = tracing::Span::current();
+    span.record("user_id", tracing::field::display(&principal.user_id));
+    span.record("tenant_id", tracing::field::display(&tenant));
+    let role = nexus_core::auth::AccessService::permit(role, permission)?;
+    Ok((principal, tenant, role))
 }

@@ -16,8 +16,9 @@ use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{ApiQuery, OptionalTenant, authorize, signed_in, tenant_required};
+use crate::extract::{ApiQuery, OptionalTenant, authorize_bearer};
 use crate::state::AppState;
+use nexus_core::auth::AccessService;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -60,21 +61,29 @@ pub async fn stream(
 ) -> ApiResult<Response> {
     let session = SessionId::parse("session_id", &query.session_id)?;
     let now = now_millis();
+    // One store round trip for session, membership and role either way (plus the ticket).
     let (principal, tenant) = match query.ticket.as_deref() {
         Some(ticket) => {
-            state
+            let (principal, tenant, role) = state
                 .services
                 .auth
                 .redeem_stream_ticket(ticket, &session, now)
-                .await?
+                .await?;
+            tracing::Span::current().record("tenant_id", tracing::field::display(&tenant));
+            AccessService::permit(role, Permission::ReadStreams)?;
+            (principal, tenant)
         }
         None => {
-            let principal = signed_in(&state, &headers).await?;
-            let tenant = header_tenant.ok_or_else(tenant_required)?;
+            let (principal, tenant, _) = authorize_bearer(
+                &state,
+                &headers,
+                || Ok(header_tenant),
+                Permission::ReadStreams,
+            )
+            .await?;
             (principal, tenant)
         }
     };
-    authorize(&state, &principal, &tenant, Permission::ReadStreams).await?;
     let header_cursor = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -142,21 +151,19 @@ struct Recheck {
 
 impl Recheck {
     async fn still_allowed(&self) -> bool {
-        let services = &self.state.services;
-        let signed_in = services
+        let access = self
+            .state
+            .services
             .auth
-            .still_signed_in(&self.principal, now_millis())
+            .access_now(&self.principal, &self.tenant, now_millis())
             .await;
-        let authorized = services
-            .access
-            .authorize(&self.principal, &self.tenant, Permission::ReadStreams)
-            .await;
-        match (signed_in, authorized) {
-            (Ok(true), Ok(_)) => true,
+        match access {
+            Ok((active, role)) => {
+                active && AccessService::permit(role, Permission::ReadStreams).is_ok()
+            }
             // A store that is briefly unavailable does not cut viewers off; the next check decides.
-            (Err(nexus_core::CoreError::Unavailable(_)), _)
-            | (_, Err(nexus_core::CoreError::Unavailable(_))) => true,
-            _ => false,
+            Err(nexus_core::CoreError::Unavailable(_)) => true,
+            Err(_) => false,
         }
     }
 }
