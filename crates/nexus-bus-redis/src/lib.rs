@@ -8,6 +8,8 @@
 //! a bounded queue to one publisher task, and are dropped (and later recovered from the store) if
 //! Redis cannot keep up.
 
+mod attempts;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +20,8 @@ use nexus_domain::{DeviceId, SessionId, TenantId};
 use nexus_store::StoredEvent;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::mpsc;
+
+pub use attempts::RedisAttempts;
 
 const CHANNEL_PREFIX: &str = "nexus:ev:";
 /// Device revocations: `origin\ndevice_id`.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use nexus_auth::jwt::{AccessClaims, KeyRing};
 use nexus_auth::password::PasswordPolicy;
 use nexus_auth::sealed::SecretBox;
-use nexus_auth::throttle::{Backoff, SlidingWindowLimiter};
+use nexus_auth::throttle::Backoff;
 use nexus_auth::tokens::{RefreshToken, StreamTicket as TicketSecret};
 use nexus_domain::audit::{Actor, AuditRecord, AuditResult, AuditScope, AuditTarget};
 use nexus_domain::identity::{StreamTicket, TotpState};
@@ -24,6 +24,7 @@ use nexus_domain::{
 use nexus_store::{RefreshOutcome, Store};
 use serde_json::json;
 
+use crate::attempts::{AttemptCounter, AttemptCounters};
 use crate::context::RequestMeta;
 use crate::error::{CoreError, CoreResult};
 use crate::locks::StripedLocks;
@@ -100,11 +101,11 @@ pub struct AuthService {
     /// Seals TOTP seeds at rest (`nexus_auth::sealed`).
     secrets: Arc<SecretBox>,
     config: Arc<AuthConfig>,
-    /// Failures per client address (this replica).
-    ip_failures: Arc<SlidingWindowLimiter>,
+    /// Failures per client address (shared by the replicas when Redis is configured).
+    ip_failures: Arc<dyn AttemptCounter>,
     /// Failures for emails with no account, so they are throttled exactly like real accounts
     /// and the answer never tells the two apart.
-    unknown_failures: Arc<SlidingWindowLimiter>,
+    unknown_failures: Arc<dyn AttemptCounter>,
     /// Sign-ins of one account run one at a time on this replica (striped by email), so the
     /// failure count read before checking a password is the count after the previous attempt:
     /// concurrent guesses cannot all pass the backoff check together.
@@ -124,6 +125,7 @@ impl AuthService {
         store: Arc<dyn Store>,
         keys: Arc<RwLock<KeyRing>>,
         secrets: SecretBox,
+        attempts: &dyn AttemptCounters,
         config: AuthConfig,
     ) -> Self {
         Self {
@@ -131,12 +133,8 @@ impl AuthService {
             keys,
             secrets: Arc::new(secrets),
             config: Arc::new(config),
-            ip_failures: Arc::new(SlidingWindowLimiter::new(
-                IP_FAILURES_PER_WINDOW,
-                IP_WINDOW,
-                100_000,
-            )),
-            unknown_failures: Arc::new(SlidingWindowLimiter::new(u32::MAX, IP_WINDOW, 100_000)),
+            ip_failures: attempts.counter("login-ip", IP_WINDOW),
+            unknown_failures: attempts.counter("login-unknown", IP_WINDOW),
             login_locks: Arc::new(StripedLocks::new(64)),
         }
     }
@@ -274,7 +272,7 @@ impl AuthService {
     ) -> CoreResult<IssuedTokens> {
         let ip_key = meta.ip.map(|ip| ip.to_string());
         if let Some(ip) = &ip_key
-            && self.ip_failures.count(ip, now) >= IP_FAILURES_PER_WINDOW
+            && self.ip_failures.recent(ip, now).await.0 >= IP_FAILURES_PER_WINDOW
         {
             return Err(Self::too_many(duration_millis(IP_WINDOW) / 4));
         }
@@ -287,11 +285,7 @@ impl AuthService {
         // Throttle before the expensive hash; unknown emails are throttled the same way.
         let (failures, last_failure) = match &user {
             Some(u) => (u.failed_logins, u.last_failed_login_at),
-            None => {
-                let key = email.as_str();
-                let n = self.unknown_failures.count(key, now);
-                (n, self.unknown_failures.last(key))
-            }
+            None => self.unknown_failures.recent(email.as_str(), now).await,
         };
         if let Some(last) = last_failure
             && let Some(wait) = self.config.login_backoff.next_allowed(failures, last, now)
@@ -361,7 +355,7 @@ impl AuthService {
         now: Millis,
     ) -> CoreError {
         if let Some(ip) = meta.ip {
-            self.ip_failures.hit(&ip.to_string(), now);
+            self.ip_failures.record(&ip.to_string(), now).await;
         }
         let result: CoreResult<()> = async {
             match user {
@@ -380,7 +374,7 @@ impl AuthService {
                     self.store.append_audit(&records).await?;
                 }
                 None => {
-                    self.unknown_failures.hit(email.as_str(), now);
+                    self.unknown_failures.record(email.as_str(), now).await;
                     let record = meta.audit(
                         AuditScope::System,
                         now,

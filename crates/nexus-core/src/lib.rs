@@ -3,6 +3,7 @@
 //! same services serve every transport and every backend.
 
 pub mod accounts;
+pub mod attempts;
 pub mod audit;
 pub mod auth;
 pub mod bus;
@@ -53,11 +54,13 @@ impl Services {
         bus: Arc<dyn bus::EventBus>,
         keys: nexus_auth::jwt::KeyRing,
         secrets: nexus_auth::sealed::SecretBox,
+        attempts: &dyn attempts::AttemptCounters,
     ) -> Self {
         let auth = auth::AuthService::new(
             store.clone(),
             Arc::new(RwLock::new(keys)),
             secrets,
+            attempts,
             config.auth.clone(),
         );
         let config = Arc::new(config);
@@ -80,7 +83,7 @@ impl Services {
             },
         );
         Self {
-            pairing: pairing::PairingService::new(store.clone(), &config),
+            pairing: pairing::PairingService::new(store.clone(), &config, attempts),
             devices,
             commands,
             reports,

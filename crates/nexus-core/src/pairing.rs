@@ -98,7 +98,7 @@ pub struct PairingService {
     ttl_millis: Millis,
     token_ttls: crate::devices::DeviceTokenTtls,
     /// Wrong codes per user and per client address (RFC 8628 §5.2: codes are guessable).
-    wrong_codes: Arc<nexus_auth::throttle::SlidingWindowLimiter>,
+    wrong_codes: Arc<dyn crate::attempts::AttemptCounter>,
     /// Code checks of one user run one at a time on this replica, so concurrent guesses cannot
     /// all pass the wrong-code limit before any of them is counted.
     guess_locks: Arc<crate::locks::StripedLocks>,
@@ -109,16 +109,16 @@ pub const WRONG_CODES_PER_WINDOW: u32 = 5;
 const WRONG_CODE_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl PairingService {
-    pub fn new(store: Arc<dyn Store>, config: &crate::CoreConfig) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        config: &crate::CoreConfig,
+        attempts: &dyn crate::attempts::AttemptCounters,
+    ) -> Self {
         Self {
             store,
             ttl_millis: nexus_domain::time::duration_millis(config.pairing_ttl),
             token_ttls: crate::devices::DeviceTokenTtls::from(config),
-            wrong_codes: Arc::new(nexus_auth::throttle::SlidingWindowLimiter::new(
-                WRONG_CODES_PER_WINDOW,
-                WRONG_CODE_WINDOW,
-                100_000,
-            )),
+            wrong_codes: attempts.counter("pairing-code", WRONG_CODE_WINDOW),
             guess_locks: Arc::new(crate::locks::StripedLocks::new(64)),
         }
     }
@@ -186,7 +186,7 @@ impl PairingService {
 
     /// Counts a wrong code against the user and the client address; refuses once either has
     /// used up its tries for the window.
-    fn check_guessing(
+    async fn check_guessing(
         &self,
         principal: &Principal,
         meta: &RequestMeta,
@@ -194,10 +194,10 @@ impl PairingService {
     ) -> CoreResult<()> {
         let user_key = format!("user:{}", principal.user_id);
         let ip_key = meta.ip.map(|ip| format!("ip:{ip}"));
-        let over = self.wrong_codes.count(&user_key, now) >= WRONG_CODES_PER_WINDOW
-            || ip_key
-                .as_ref()
-                .is_some_and(|k| self.wrong_codes.count(k, now) >= WRONG_CODES_PER_WINDOW);
+        let mut over = self.wrong_codes.recent(&user_key, now).await.0 >= WRONG_CODES_PER_WINDOW;
+        if let Some(k) = &ip_key {
+            over = over || self.wrong_codes.recent(k, now).await.0 >= WRONG_CODES_PER_WINDOW;
+        }
         if over {
             return Err(CoreError::TooManyRequests {
                 code: "too_many_wrong_codes",
@@ -210,11 +210,12 @@ impl PairingService {
         Ok(())
     }
 
-    fn wrong_code(&self, principal: &Principal, meta: &RequestMeta, now: Millis) {
+    async fn wrong_code(&self, principal: &Principal, meta: &RequestMeta, now: Millis) {
         self.wrong_codes
-            .hit(&format!("user:{}", principal.user_id), now);
+            .record(&format!("user:{}", principal.user_id), now)
+            .await;
         if let Some(ip) = meta.ip {
-            self.wrong_codes.hit(&format!("ip:{ip}"), now);
+            self.wrong_codes.record(&format!("ip:{ip}"), now).await;
         }
     }
 
@@ -228,7 +229,7 @@ impl PairingService {
         now: Millis,
     ) -> CoreResult<Pairing> {
         let _one_at_a_time = self.guess_locks.lock(principal.user_id.as_str()).await;
-        self.check_guessing(principal, meta, now)?;
+        self.check_guessing(principal, meta, now).await?;
         let not_found =
             || CoreError::not_found("pairing_not_found", "no pairing is waiting for this code");
         let found = self.store.pairing_by_code(code).await?.filter(|p| {
@@ -236,7 +237,7 @@ impl PairingService {
             p.tenant.as_ref().is_none_or(|t| t == tenant) && p.state != PairingState::Completed
         });
         let Some(pairing) = found else {
-            self.wrong_code(principal, meta, now);
+            self.wrong_code(principal, meta, now).await;
             return Err(not_found());
         };
         if pairing.is_expired(now) {

@@ -86,6 +86,7 @@ pub async fn launch(
     config: ServerConfig,
     store: Arc<dyn Store>,
     bus: Option<Arc<dyn EventBus>>,
+    attempts: Arc<dyn nexus_core::attempts::AttemptCounters>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
@@ -105,6 +106,7 @@ pub async fn launch(
         bus.unwrap_or_else(|| Arc::new(LocalOnly)),
         keys,
         secrets,
+        attempts.as_ref(),
     );
     bootstrap(&services, &config).await?;
     spawn_key_reload(

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use nexus_bus_redis::RedisBus;
+use nexus_bus_redis::{RedisAttempts, RedisBus};
+use nexus_core::attempts::{AttemptCounters, LocalAttempts};
 use nexus_core::bus::EventBus;
 use nexus_server::ServerConfig;
 use nexus_store::Store;
@@ -167,13 +168,17 @@ async fn run_server(config: ServerConfig) -> anyhow::Result<()> {
             )
         }
     };
-    let bus: Option<Arc<dyn EventBus>> = match &config.redis_url {
-        Some(url) => Some(Arc::new(RedisBus::new(url)?)),
-        None => None,
-    };
+    let (bus, attempts): (Option<Arc<dyn EventBus>>, Arc<dyn AttemptCounters>) =
+        match &config.redis_url {
+            Some(url) => (
+                Some(Arc::new(RedisBus::new(url)?)),
+                Arc::new(RedisAttempts::new(url)?),
+            ),
+            None => (None, Arc::new(LocalAttempts)),
+        };
     let listener =
         listen(config.listen).with_context(|| format!("listening on {}", config.listen))?;
-    nexus_server::launch(config, store, bus, listener, shutdown_signal()).await
+    nexus_server::launch(config, store, bus, attempts, listener, shutdown_signal()).await
 }
 
 /// Binds with a deep accept queue: thousands of SSE clients reconnect at once after a restart,

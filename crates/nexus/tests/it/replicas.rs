@@ -603,6 +603,94 @@ async fn sessions_and_tokens_are_honoured_and_revoked_on_every_replica() {
     assert_eq!(hb(&b, new_token).await.expect("hb").status(), 200);
 }
 
+/// Guessing budgets are per user, address or email, not per replica: with Redis the replicas
+/// share the counts, so spreading guesses over two replicas does not double the budget.
+#[tokio::test]
+async fn guessing_budgets_are_shared_by_the_replicas() {
+    let Some(Cluster {
+        a,
+        b,
+        redis: _redis,
+        db: _db,
+        ..
+    }) = replicas().await
+    else {
+        return;
+    };
+    // Wrong pairing codes: 5 per user and address per 10 minutes, 3 tried on A and 2 on B.
+    for i in 0..5 {
+        let server = if i % 2 == 0 { &a } else { &b };
+        let (s, body) = server
+            .post_json(
+                "/devices/pairing/preview",
+                &json!({"pairing_code": format!("{:03}-{:03}", 100 + i, 200 + i)}),
+            )
+            .await;
+        assert_problem(s, &body, 404, "pairing_not_found");
+    }
+    for server in [&a, &b] {
+        let (s, body) = server
+            .post_json(
+                "/devices/pairing/preview",
+                &json!({"pairing_code": "999-999"}),
+            )
+            .await;
+        assert_problem(s, &body, 429, "too_many_wrong_codes");
+    }
+
+    // Sign-in with an email that has no account: after 6 failures (5 free, then 1 s, 2 s, …)
+    // the next try waits, exactly like an account; 3 failures were on A and 3 on B.
+    for i in 0..6 {
+        let server = if i % 2 == 0 { &a } else { &b };
+        let (s, body) = server
+            .login_response("nobody@nexus.test", "Wrong-password-1!", None)
+            .await;
+        assert_problem(s, &body, 401, "invalid_credentials");
+    }
+    for server in [&a, &b] {
+        let (s, body) = server
+            .login_response("nobody@nexus.test", "Wrong-password-1!", None)
+            .await;
+        assert_eq!(s, 429, "{body}");
+    }
+}
+
+/// Without Redis the budgets fall back to each replica's own count: looser, never switched off.
+#[tokio::test]
+async fn guessing_is_still_throttled_while_redis_is_down() {
+    let Some(Cluster {
+        a,
+        mut redis,
+        db: _db,
+        ..
+    }) = replicas().await
+    else {
+        return;
+    };
+    redis.stop();
+    for i in 0..5 {
+        let (s, body) = a
+            .post_json(
+                "/devices/pairing/preview",
+                &json!({"pairing_code": format!("{:03}-{:03}", 300 + i, 400 + i)}),
+            )
+            .await;
+        assert_problem(s, &body, 404, "pairing_not_found");
+    }
+    let (s, body) = a
+        .post_json(
+            "/devices/pairing/preview",
+            &json!({"pairing_code": "999-999"}),
+        )
+        .await;
+    assert_problem(s, &body, 429, "too_many_wrong_codes");
+    assert!(
+        a.log_text().contains("this replica"),
+        "the fallback is logged: {}",
+        a.log_text()
+    );
+}
+
 /// The wake-up crosses replicas through Redis: with the store re-read only once a minute, a
 /// device long-polling A still gets a command proposed on B right away, not when its wait runs out.
 #[tokio::test]
@@ -655,7 +743,14 @@ async fn a_command_queued_on_one_replica_wakes_a_long_poll_on_the_other() {
 /// happens once; a grant made by either replica verifies with the keys the device got at pairing.
 #[tokio::test]
 async fn commands_flow_across_replicas() {
-    let Some(Cluster { a, b, .. }) = replicas().await else {
+    let Some(Cluster {
+        a,
+        b,
+        redis: _redis,
+        db: _db,
+        ..
+    }) = replicas().await
+    else {
         return;
     };
     let device = pair_across(&a, &b, "pc").await;
