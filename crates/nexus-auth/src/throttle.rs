@@ -155,10 +155,17 @@ impl SlidingWindowLimiter {
     /// (recording nothing, so refused attempts do not extend the block) when the key already had
     /// `limit` events in the window.
     pub fn hit(&self, key: &str, now_ms: i64) -> bool {
+        self.hit_up_to(key, self.limit, now_ms)
+    }
+
+    /// [`SlidingWindowLimiter::hit`] with a limit of `limit` (at most the limiter's own), for
+    /// counters whose callers hold the limit.
+    pub fn hit_up_to(&self, key: &str, limit: u32, now_ms: i64) -> bool {
+        let limit = limit.min(self.limit);
         let mut state = self.lock();
         if let Some(entry) = state.entries.get_mut(key) {
             self.prune(&mut entry.events, now_ms);
-            if entry.events.len() >= self.limit as usize {
+            if entry.events.len() >= limit as usize {
                 return false;
             }
             if entry.events.len() >= MAX_EVENTS_PER_KEY {
@@ -168,7 +175,7 @@ impl SlidingWindowLimiter {
             state.touch(key, now_ms);
             return true;
         }
-        if self.limit == 0 {
+        if limit == 0 {
             return false;
         }
         while state.entries.len() >= self.max_keys {
@@ -224,6 +231,22 @@ impl SlidingWindowLimiter {
             .entries
             .get(key)
             .and_then(|entry| entry.events.back().copied())
+    }
+
+    /// Takes back one event recorded for `key` at `at_ms` (it turned out not to count); false if
+    /// there is none.
+    pub fn unhit(&self, key: &str, at_ms: i64) -> bool {
+        let mut state = self.lock();
+        let Some(entry) = state.entries.get_mut(key) else {
+            return false;
+        };
+        match entry.events.iter().rposition(|&t| t == at_ms) {
+            Some(i) => {
+                entry.events.remove(i);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Forgets `key` (e.g. after a successful login from that IP).

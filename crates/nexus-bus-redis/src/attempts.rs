@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use nexus_core::attempts::{AttemptCounter, AttemptCounters, LocalCounter};
+use nexus_core::attempts::{AttemptCounter, AttemptCounters, LocalCounter, Slot};
 use nexus_domain::time::Millis;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use sha2::{Digest, Sha256};
@@ -20,6 +20,17 @@ const TIMEOUT: Duration = Duration::from_millis(500);
 const RECONNECT_AFTER: Duration = Duration::from_secs(1);
 /// Most attempts remembered per key (enough for any limit we enforce).
 const MAX_PER_KEY: isize = 1024;
+
+/// Check-and-take in one step (Redis runs a script atomically): trim the window, refuse when
+/// `limit` attempts remain, else add this one. KEYS[1] the set; ARGV: window start, limit, now,
+/// member, window length (ms).
+const RESERVE: &str = r"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
+";
 
 #[derive(Clone)]
 pub struct RedisAttempts {
@@ -178,6 +189,55 @@ impl AttemptCounter for RedisCounter {
             .await;
         if let Err(e) = result {
             tracing::warn!(error = %e, counter = self.name, "Redis write failed; the attempt is counted on this replica only");
+        }
+    }
+
+    async fn reserve(&self, key: &str, limit: u32, now: Millis) -> Option<Slot> {
+        let Some(mut manager) = self.shared.manager().await else {
+            return self.local.reserve(key, limit, now).await;
+        };
+        let id = format!("{now}-{}", ulid::Ulid::new());
+        let taken: redis::RedisResult<i64> = redis::cmd("EVAL")
+            .arg(RESERVE)
+            .arg(1)
+            .arg(self.redis_key(key))
+            .arg(now.saturating_sub(self.window_ms))
+            .arg(limit)
+            .arg(now)
+            .arg(&id)
+            .arg(self.window_ms)
+            .query_async(&mut manager)
+            .await;
+        match taken {
+            Ok(1) => {
+                // Kept locally too, for the fallback.
+                self.local.record(key, now).await;
+                Some(Slot { at: now, id })
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, counter = self.name, "Redis reservation failed; using this replica's attempt count");
+                self.local.reserve(key, limit, now).await
+            }
+        }
+    }
+
+    async fn release(&self, key: &str, slot: Slot) {
+        let id = slot.id.clone();
+        self.local.release(key, slot).await;
+        if id.is_empty() {
+            return;
+        }
+        let Some(mut manager) = self.shared.manager().await else {
+            return;
+        };
+        let result: redis::RedisResult<()> = redis::cmd("ZREM")
+            .arg(self.redis_key(key))
+            .arg(id)
+            .query_async(&mut manager)
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, counter = self.name, "Redis release failed; the attempt keeps counting until the window passes");
         }
     }
 }

@@ -17,6 +17,22 @@ pub trait AttemptCounter: Send + Sync + 'static {
     async fn recent(&self, key: &str, now: Millis) -> (u32, Option<Millis>);
     /// Records an attempt under `key`.
     async fn record(&self, key: &str, now: Millis);
+    /// Atomically takes one of `limit` slots of `key` in the window: `Some` when taken (it counts
+    /// as an attempt until [`AttemptCounter::release`]d), `None` when all are used. Checking and
+    /// counting in one step is what concurrent guesses, on one replica or several, cannot get
+    /// past.
+    async fn reserve(&self, key: &str, limit: u32, now: Millis) -> Option<Slot>;
+    /// Gives a reserved slot back: the attempt turned out not to be a failure.
+    async fn release(&self, key: &str, slot: Slot);
+}
+
+/// A reserved attempt (see [`AttemptCounter::reserve`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slot {
+    /// When it was taken.
+    pub at: Millis,
+    /// Names it in a shared store (empty for in-memory counters).
+    pub id: String,
 }
 
 /// Makes one counter per kind of attempt (`name`), each with its window.
@@ -62,6 +78,17 @@ impl AttemptCounter for LocalCounter {
     async fn record(&self, key: &str, now: Millis) {
         self.window.hit(key, now);
     }
+
+    async fn reserve(&self, key: &str, limit: u32, now: Millis) -> Option<Slot> {
+        self.window.hit_up_to(key, limit, now).then(|| Slot {
+            at: now,
+            id: String::new(),
+        })
+    }
+
+    async fn release(&self, key: &str, slot: Slot) {
+        self.window.unhit(key, slot.at);
+    }
 }
 
 #[cfg(test)]
@@ -79,5 +106,17 @@ mod tests {
         assert_eq!(counter.recent("k", 6_000).await, (2, Some(5_000)));
         assert_eq!(counter.recent("k", 11_000).await, (1, Some(5_000)));
         assert_eq!(counter.recent("k", 15_001).await, (0, None));
+    }
+
+    #[tokio::test]
+    async fn reservations_stop_at_the_limit_and_can_be_given_back() {
+        let counter = LocalAttempts.counter("test", Duration::from_secs(10));
+        let first = counter.reserve("k", 2, 1_000).await.unwrap();
+        counter.reserve("k", 2, 2_000).await.unwrap();
+        assert_eq!(counter.reserve("k", 2, 3_000).await, None);
+        counter.release("k", first).await;
+        assert_eq!(counter.recent("k", 3_000).await.0, 1);
+        assert!(counter.reserve("k", 2, 3_000).await.is_some());
+        assert_eq!(counter.reserve("k", 2, 3_000).await, None);
     }
 }

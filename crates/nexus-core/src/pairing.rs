@@ -12,6 +12,7 @@ use nexus_domain::{
 use nexus_store::{NewDevice, Store, StoreError};
 use serde_json::json;
 
+use crate::attempts::Slot;
 use crate::auth::Principal;
 use crate::context::RequestMeta;
 use crate::error::{CoreError, CoreResult};
@@ -99,9 +100,6 @@ pub struct PairingService {
     token_ttls: crate::devices::DeviceTokenTtls,
     /// Wrong codes per user and per client address (RFC 8628 §5.2: codes are guessable).
     wrong_codes: Arc<dyn crate::attempts::AttemptCounter>,
-    /// Code checks of one user run one at a time on this replica, so concurrent guesses cannot
-    /// all pass the wrong-code limit before any of them is counted.
-    guess_locks: Arc<crate::locks::StripedLocks>,
 }
 
 /// Wrong pairing codes one user or one address may try per window.
@@ -119,7 +117,6 @@ impl PairingService {
             ttl_millis: nexus_domain::time::duration_millis(config.pairing_ttl),
             token_ttls: crate::devices::DeviceTokenTtls::from(config),
             wrong_codes: attempts.counter("pairing-code", WRONG_CODE_WINDOW),
-            guess_locks: Arc::new(crate::locks::StripedLocks::new(64)),
         }
     }
 
@@ -184,38 +181,44 @@ impl PairingService {
         )))
     }
 
-    /// Counts a wrong code against the user and the client address; refuses once either has
-    /// used up its tries for the window.
-    async fn check_guessing(
+    /// Takes a guess from the user's and the client address's budgets (atomically, so
+    /// concurrent guesses on any replica cannot get past the limit); refuses once either is used
+    /// up. The slots go back when the code turns out to be right.
+    async fn take_guess(
         &self,
         principal: &Principal,
         meta: &RequestMeta,
         now: Millis,
-    ) -> CoreResult<()> {
-        let user_key = format!("user:{}", principal.user_id);
-        let ip_key = meta.ip.map(|ip| format!("ip:{ip}"));
-        let mut over = self.wrong_codes.recent(&user_key, now).await.0 >= WRONG_CODES_PER_WINDOW;
-        if let Some(k) = &ip_key {
-            over = over || self.wrong_codes.recent(k, now).await.0 >= WRONG_CODES_PER_WINDOW;
+    ) -> CoreResult<Vec<(String, Slot)>> {
+        let too_many = || CoreError::TooManyRequests {
+            code: "too_many_wrong_codes",
+            detail: format!(
+                "at most {WRONG_CODES_PER_WINDOW} wrong pairing codes per 10 minutes; wait and try again"
+            ),
+            retry_after_secs: WRONG_CODE_WINDOW.as_secs(),
+        };
+        let mut keys = vec![format!("user:{}", principal.user_id)];
+        keys.extend(meta.ip.map(|ip| format!("ip:{ip}")));
+        let mut taken = Vec::with_capacity(keys.len());
+        for key in keys {
+            match self
+                .wrong_codes
+                .reserve(&key, WRONG_CODES_PER_WINDOW, now)
+                .await
+            {
+                Some(slot) => taken.push((key, slot)),
+                None => {
+                    self.give_back(taken).await;
+                    return Err(too_many());
+                }
+            }
         }
-        if over {
-            return Err(CoreError::TooManyRequests {
-                code: "too_many_wrong_codes",
-                detail: format!(
-                    "at most {WRONG_CODES_PER_WINDOW} wrong pairing codes per 10 minutes; wait and try again"
-                ),
-                retry_after_secs: WRONG_CODE_WINDOW.as_secs(),
-            });
-        }
-        Ok(())
+        Ok(taken)
     }
 
-    async fn wrong_code(&self, principal: &Principal, meta: &RequestMeta, now: Millis) {
-        self.wrong_codes
-            .record(&format!("user:{}", principal.user_id), now)
-            .await;
-        if let Some(ip) = meta.ip {
-            self.wrong_codes.record(&format!("ip:{ip}"), now).await;
+    async fn give_back(&self, slots: Vec<(String, Slot)>) {
+        for (key, slot) in slots {
+            self.wrong_codes.release(&key, slot).await;
         }
     }
 
@@ -228,18 +231,24 @@ impl PairingService {
         meta: &RequestMeta,
         now: Millis,
     ) -> CoreResult<Pairing> {
-        let _one_at_a_time = self.guess_locks.lock(principal.user_id.as_str()).await;
-        self.check_guessing(principal, meta, now).await?;
+        let guess = self.take_guess(principal, meta, now).await?;
         let not_found =
             || CoreError::not_found("pairing_not_found", "no pairing is waiting for this code");
-        let found = self.store.pairing_by_code(code).await?.filter(|p| {
-            // A pairing that named its tenant at start is invisible to every other tenant.
-            p.tenant.as_ref().is_none_or(|t| t == tenant) && p.state != PairingState::Completed
-        });
+        let found = match self.store.pairing_by_code(code).await {
+            Ok(found) => found.filter(|p| {
+                // A pairing that named its tenant at start is invisible to every other tenant.
+                p.tenant.as_ref().is_none_or(|t| t == tenant) && p.state != PairingState::Completed
+            }),
+            Err(e) => {
+                // Not the user's fault: the guess does not count.
+                self.give_back(guess).await;
+                return Err(e.into());
+            }
+        };
         let Some(pairing) = found else {
-            self.wrong_code(principal, meta, now).await;
             return Err(not_found());
         };
+        self.give_back(guess).await;
         if pairing.is_expired(now) {
             return Err(CoreError::gone(
                 "pairing_expired",

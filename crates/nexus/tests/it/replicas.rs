@@ -655,6 +655,33 @@ async fn guessing_budgets_are_shared_by_the_replicas() {
     }
 }
 
+/// Checking and counting a guess is one atomic step in Redis: twenty wrong codes sent at once,
+/// half to each replica, get exactly five answers and fifteen refusals.
+#[tokio::test]
+async fn concurrent_guesses_on_two_replicas_cannot_slip_past_the_limit() {
+    let Some(Cluster {
+        a,
+        b,
+        redis: _redis,
+        db: _db,
+        ..
+    }) = replicas().await
+    else {
+        return;
+    };
+    let guesses = (0..20).map(|i| {
+        let server = if i % 2 == 0 { &a } else { &b };
+        let request = server
+            .web(reqwest::Method::POST, "/devices/pairing/preview")
+            .json(&json!({"pairing_code": format!("{:03}-{:03}", 500 + i, 600 + i)}));
+        async move { status_json(request.send().await.expect("guess")).await }
+    });
+    let answers = futures::future::join_all(guesses).await;
+    let checked = answers.iter().filter(|(s, _)| *s == 404).count();
+    let refused = answers.iter().filter(|(s, _)| *s == 429).count();
+    assert_eq!((checked, refused), (5, 15), "{answers:?}");
+}
+
 /// Without Redis the budgets fall back to each replica's own count: looser, never switched off.
 #[tokio::test]
 async fn guessing_is_still_throttled_while_redis_is_down() {
