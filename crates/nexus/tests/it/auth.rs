@@ -730,40 +730,41 @@ async fn password_change_checks_the_policy_and_ends_the_other_sessions() {
     );
 }
 
+/// Sets up and enables TOTP for `user`; returns the secret.
+async fn enable_totp(server: &TestServer, user: &TestUser) -> String {
+    let (s, setup) = status_json(
+        server
+            .as_user(&user.token, Method::POST, "/auth/mfa/totp/setup")
+            .send()
+            .await
+            .expect("setup"),
+    )
+    .await;
+    assert_eq!(s, 200, "{setup}");
+    let secret = setup["secret"].as_str().expect("secret").to_owned();
+    let (s, enabled) = status_json(
+        server
+            .as_user(&user.token, Method::POST, "/auth/mfa/totp/enable")
+            .json(&json!({"code": totp_code(&secret, unix_now())}))
+            .send()
+            .await
+            .expect("enable"),
+    )
+    .await;
+    assert_eq!(s, 200, "{enabled}");
+    secret
+}
+
 /// TOTP seeds are sealed at rest (AES-256-GCM, key `data.key` beside the signing keys): the
 /// database holds no usable seed, the key survives a restart, and a sealed seed copied into
 /// another account's row does not open there.
 #[tokio::test]
 async fn totp_secrets_are_sealed_at_rest_and_bound_to_their_account() {
     let server = TestServer::start().await;
-    let enrol = |user: TestUser| {
-        let server = &server;
-        async move {
-            let (s, setup) = status_json(
-                server
-                    .as_user(&user.token, Method::POST, "/auth/mfa/totp/setup")
-                    .send()
-                    .await
-                    .expect("setup"),
-            )
-            .await;
-            assert_eq!(s, 200, "{setup}");
-            let secret = setup["secret"].as_str().expect("secret").to_owned();
-            let (s, enabled) = status_json(
-                server
-                    .as_user(&user.token, Method::POST, "/auth/mfa/totp/enable")
-                    .json(&json!({"code": totp_code(&secret, unix_now())}))
-                    .send()
-                    .await
-                    .expect("enable"),
-            )
-            .await;
-            assert_eq!(s, 200, "{enabled}");
-            (user, secret)
-        }
-    };
-    let (ann, ann_secret) = enrol(server.new_member(ORG, "ann@nexus.test", "viewer").await).await;
-    let (bob, _) = enrol(server.new_member(ORG, "bob@nexus.test", "viewer").await).await;
+    let ann = server.new_member(ORG, "ann@nexus.test", "viewer").await;
+    let ann_secret = enable_totp(&server, &ann).await;
+    let bob = server.new_member(ORG, "bob@nexus.test", "viewer").await;
+    enable_totp(&server, &bob).await;
     let stored = server.raw_sql(&format!(
         "SELECT totp_secret FROM users WHERE id = '{}'",
         ann.id
@@ -1024,26 +1025,7 @@ async fn totp_codes_work_once_and_recovery_codes_work_once() {
 async fn guessing_totp_codes_with_the_right_password_is_throttled() {
     let server = TestServer::start().await;
     let user = server.new_member(ORG, "gus@nexus.test", "viewer").await;
-    let (s, setup) = status_json(
-        server
-            .as_user(&user.token, Method::POST, "/auth/mfa/totp/setup")
-            .send()
-            .await
-            .expect("setup"),
-    )
-    .await;
-    assert_eq!(s, 200);
-    let secret = setup["secret"].as_str().expect("secret").to_owned();
-    let (s, enabled) = status_json(
-        server
-            .as_user(&user.token, Method::POST, "/auth/mfa/totp/enable")
-            .json(&json!({"code": totp_code(&secret, unix_now())}))
-            .send()
-            .await
-            .expect("enable"),
-    )
-    .await;
-    assert_eq!(s, 200, "{enabled}");
+    let secret = enable_totp(&server, &user).await;
     // Codes that match no step of the current window (checked, so a lucky guess cannot pass).
     let now = unix_now();
     let window: Vec<String> = (0..4)
