@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use nexus_core::attempts::{AttemptCounter, AttemptCounters, LocalCounter, Slot};
+use nexus_core::attempts::{AttemptCounter, AttemptCounters, LocalCounter, SharedGuard, Slot};
 use nexus_domain::time::Millis;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use sha2::{Digest, Sha256};
@@ -93,7 +93,78 @@ impl Shared {
     }
 }
 
+/// How long a guess may hold its key's lock (a replica that dies holding it blocks the key no
+/// longer than this).
+const LOCK_TTL_MS: u64 = 10_000;
+/// How long a guess waits for its key's lock before going ahead without it (the counts still
+/// apply; only the strict one-at-a-time order is given up).
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+/// Deletes the lock only if it is still ours (it may have expired and been taken since).
+const UNLOCK: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+/// `prefix` + a hash of `key`: Redis never sees the email or address itself.
+fn hashed_key(prefix: &str, key: &str) -> String {
+    let digest = Sha256::digest(key.as_bytes());
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{prefix}{hex}")
+}
+
+#[async_trait]
 impl AttemptCounters for RedisAttempts {
+    async fn exclusive(&self, name: &'static str, key: &str) -> Option<SharedGuard> {
+        let mut manager = self.shared.manager().await?;
+        let lock_key = hashed_key(&format!("nexus:lock:{name}:"), key);
+        let token = ulid::Ulid::new().to_string();
+        let deadline = Instant::now() + LOCK_WAIT;
+        loop {
+            let taken: redis::RedisResult<Option<String>> = redis::cmd("SET")
+                .arg(&lock_key)
+                .arg(&token)
+                .arg("NX")
+                .arg("PX")
+                .arg(LOCK_TTL_MS)
+                .query_async(&mut manager)
+                .await;
+            match taken {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Ok(None) => {
+                    tracing::warn!(
+                        lock = name,
+                        "waited too long for a shared attempt lock; going ahead without it"
+                    );
+                    return None;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, lock = name, "Redis lock failed; this replica's lock only");
+                    return None;
+                }
+            }
+        }
+        Some(SharedGuard::new(move || {
+            // Dropped inside a request, so a runtime is there; without one, the lock expires.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let released: redis::RedisResult<i64> = redis::cmd("EVAL")
+                        .arg(UNLOCK)
+                        .arg(1)
+                        .arg(&lock_key)
+                        .arg(&token)
+                        .query_async(&mut manager)
+                        .await;
+                    if let Err(e) = released {
+                        tracing::warn!(error = %e, "releasing a shared attempt lock failed; it expires by itself");
+                    }
+                });
+            }
+        }))
+    }
+
     fn counter(&self, name: &'static str, window: Duration) -> Arc<dyn AttemptCounter> {
         Arc::new(RedisCounter {
             shared: self.shared.clone(),
@@ -113,9 +184,7 @@ struct RedisCounter {
 
 impl RedisCounter {
     fn redis_key(&self, key: &str) -> String {
-        let digest = Sha256::digest(key.as_bytes());
-        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-        format!("nexus:attempts:{}:{hex}", self.name)
+        hashed_key(&format!("nexus:attempts:{}:", self.name), key)
     }
 
     async fn shared_recent(&self, key: &str, now: Millis) -> Option<(u32, Option<Millis>)> {

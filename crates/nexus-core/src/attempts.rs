@@ -36,8 +36,39 @@ pub struct Slot {
 }
 
 /// Makes one counter per kind of attempt (`name`), each with its window.
+#[async_trait]
 pub trait AttemptCounters: Send + Sync + 'static {
     fn counter(&self, name: &'static str, window: Duration) -> Arc<dyn AttemptCounter>;
+
+    /// Makes the guesses for `key` (say, one account's sign-ins) run one at a time across every
+    /// replica: waits until no other replica holds `key`, then holds it until the guard is
+    /// dropped. Throttles that read a count, check a guess and then record it need this, or
+    /// replicas racing each other all read the same count. `None` when there is nothing to
+    /// share (a single replica, whose own lock suffices) or the shared store is unreachable.
+    async fn exclusive(&self, _name: &'static str, _key: &str) -> Option<SharedGuard> {
+        None
+    }
+}
+
+/// Held while a guess is checked (see [`AttemptCounters::exclusive`]); releases on drop.
+pub struct SharedGuard {
+    release: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl SharedGuard {
+    pub fn new(release: impl FnOnce() + Send + 'static) -> Self {
+        Self {
+            release: Some(Box::new(release)),
+        }
+    }
+}
+
+impl Drop for SharedGuard {
+    fn drop(&mut self) {
+        if let Some(release) = self.release.take() {
+            release();
+        }
+    }
 }
 
 /// Most keys one in-memory counter remembers (the oldest are forgotten first).

@@ -101,6 +101,8 @@ pub struct AuthService {
     /// Seals TOTP seeds at rest (`nexus_auth::sealed`).
     secrets: Arc<SecretBox>,
     config: Arc<AuthConfig>,
+    /// Sign-ins of one account across replicas (see `login_locks`).
+    shared_attempts: Arc<dyn AttemptCounters>,
     /// Failures per client address (shared by the replicas when Redis is configured).
     ip_failures: Arc<dyn AttemptCounter>,
     /// Failures for emails with no account, so they are throttled exactly like real accounts
@@ -125,7 +127,7 @@ impl AuthService {
         store: Arc<dyn Store>,
         keys: Arc<RwLock<KeyRing>>,
         secrets: SecretBox,
-        attempts: &dyn AttemptCounters,
+        attempts: Arc<dyn AttemptCounters>,
         config: AuthConfig,
     ) -> Self {
         Self {
@@ -135,6 +137,7 @@ impl AuthService {
             config: Arc::new(config),
             ip_failures: attempts.counter("login-ip", IP_WINDOW),
             unknown_failures: attempts.counter("login-unknown", IP_WINDOW),
+            shared_attempts: attempts,
             login_locks: Arc::new(StripedLocks::new(64)),
         }
     }
@@ -281,6 +284,11 @@ impl AuthService {
         }
         let email = Email::parse(&request.email)?;
         let _one_at_a_time = self.login_locks.lock(email.as_str()).await;
+        // And across replicas, when they share a store for it (Redis).
+        let _one_at_a_time_everywhere = self
+            .shared_attempts
+            .exclusive("login", email.as_str())
+            .await;
         let user = self.store.user_by_email(&email).await?;
         // Throttle before the expensive hash; unknown emails are throttled the same way.
         let (failures, last_failure) = match &user {

@@ -54,13 +54,13 @@ impl Services {
         bus: Arc<dyn bus::EventBus>,
         keys: nexus_auth::jwt::KeyRing,
         secrets: nexus_auth::sealed::SecretBox,
-        attempts: &dyn attempts::AttemptCounters,
+        attempts: Arc<dyn attempts::AttemptCounters>,
     ) -> Self {
         let auth = auth::AuthService::new(
             store.clone(),
             Arc::new(RwLock::new(keys)),
             secrets,
-            attempts,
+            attempts.clone(),
             config.auth.clone(),
         );
         let config = Arc::new(config);
@@ -83,7 +83,7 @@ impl Services {
             },
         );
         Self {
-            pairing: pairing::PairingService::new(store.clone(), &config, attempts),
+            pairing: pairing::PairingService::new(store.clone(), &config, attempts.as_ref()),
             devices,
             commands,
             reports,

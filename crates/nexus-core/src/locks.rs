@@ -1,7 +1,7 @@
 //! Serializing guess-checking per key. Throttles that read a failure count, then check a guess,
 //! then record the failure are check-then-act: concurrent guesses would all read the same count
 //! and all pass. Holding one of these locks across the three steps makes the count exact on this
-//! replica (across replicas it is bounded by the number of replicas).
+//! replica; across replicas `AttemptCounters::exclusive` (a lock in Redis) does the same.
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;

@@ -106,7 +106,7 @@ pub async fn launch(
         bus.unwrap_or_else(|| Arc::new(LocalOnly)),
         keys,
         secrets,
-        attempts.as_ref(),
+        attempts,
     );
     bootstrap(&services, &config).await?;
     spawn_key_reload(

@@ -190,7 +190,7 @@ async fn open(args: &StoreArgs) -> anyhow::Result<Opened> {
         store.clone(),
         Arc::new(std::sync::RwLock::new(nexus_auth::jwt::KeyRing::empty())),
         nexus_auth::sealed::SecretBox::none(),
-        &nexus_core::attempts::LocalAttempts,
+        Arc::new(nexus_core::attempts::LocalAttempts),
         AuthConfig {
             password_policy: policy,
             ..AuthConfig::default()

@@ -682,6 +682,36 @@ async fn concurrent_guesses_on_two_replicas_cannot_slip_past_the_limit() {
     assert_eq!((checked, refused), (5, 15), "{answers:?}");
 }
 
+/// Wrong passwords for one account sent at once to both replicas are checked one at a time
+/// across them (a lock in Redis), so exactly as many are checked as one after the other would be:
+/// five free failures and the sixth; the rest meet the backoff.
+#[tokio::test]
+async fn concurrent_sign_in_guesses_on_two_replicas_meet_the_backoff() {
+    let Some(Cluster {
+        a,
+        b,
+        redis: _redis,
+        db: _db,
+        ..
+    }) = replicas().await
+    else {
+        return;
+    };
+    let user = a.new_member(ORG, "race@nexus.test", "viewer").await;
+    let attempts = (0..24).map(|i| {
+        let server = if i % 2 == 0 { &a } else { &b };
+        let request = server
+            .http
+            .post(server.url("/auth/login"))
+            .json(&json!({"email": user.email, "password": "Wrong-password-1!"}));
+        async move { request.send().await.expect("login").status().as_u16() }
+    });
+    let statuses = futures::future::join_all(attempts).await;
+    let checked = statuses.iter().filter(|s| **s == 401).count();
+    let throttled = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!((checked, throttled), (6, 18), "{statuses:?}");
+}
+
 /// Without Redis the budgets fall back to each replica's own count: looser, never switched off.
 #[tokio::test]
 async fn guessing_is_still_throttled_while_redis_is_down() {
