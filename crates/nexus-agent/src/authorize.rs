@@ -43,6 +43,44 @@ pub struct ServerKey {
     pub x: String,
 }
 
+impl ServerKey {
+    /// Parses one JWK of a JWK Set (`index` is its place, for errors). Keys of other types are
+    /// `None` (a future server may publish them); a malformed Ed25519 key is an error.
+    fn from_jwk(entry: &Value, index: usize) -> Result<Option<ServerKey>, KeysError> {
+        let field = |name| entry.get(name).and_then(Value::as_str);
+        if field("kty") != Some("OKP") || field("crv") != Some("Ed25519") {
+            return Ok(None);
+        }
+        if field("use").is_some_and(|u| u != "sig") {
+            return Ok(None);
+        }
+        let kid = field("kid")
+            .filter(|k| !k.is_empty())
+            .ok_or(KeysError::BadKey {
+                index,
+                reason: "no kid",
+            })?;
+        let x = field("x").ok_or(KeysError::BadKey {
+            index,
+            reason: "no x",
+        })?;
+        if nexus_auth::jwt::verifying_key_from_jwk_x(x).is_none() {
+            return Err(KeysError::BadKey {
+                index,
+                reason: "x is not an Ed25519 public key",
+            });
+        }
+        Ok(Some(ServerKey {
+            kid: kid.to_owned(),
+            x: x.to_owned(),
+        }))
+    }
+
+    fn verifying_key(&self) -> Option<nexus_auth::jwt::VerifyingKey> {
+        nexus_auth::jwt::verifying_key_from_jwk_x(&self.x)
+    }
+}
+
 /// The server's public keys as given at pairing (`CompletePairingResponse.server_keys`).
 /// Serialises as a JWK Set and deserialises through [`ServerKeys::from_jwks`], so a stored
 /// copy is validated again when it is read back.
@@ -73,33 +111,7 @@ impl ServerKeys {
             .ok_or(KeysError::NotAKeySet)?;
         let mut keys = Vec::new();
         for (index, entry) in entries.iter().enumerate() {
-            let field = |name| entry.get(name).and_then(Value::as_str);
-            if field("kty") != Some("OKP") || field("crv") != Some("Ed25519") {
-                continue;
-            }
-            if field("use").is_some_and(|u| u != "sig") {
-                continue;
-            }
-            let kid = field("kid")
-                .filter(|k| !k.is_empty())
-                .ok_or(KeysError::BadKey {
-                    index,
-                    reason: "no kid",
-                })?;
-            let x = field("x").ok_or(KeysError::BadKey {
-                index,
-                reason: "no x",
-            })?;
-            if nexus_auth::jwt::verifying_key_from_jwk_x(x).is_none() {
-                return Err(KeysError::BadKey {
-                    index,
-                    reason: "x is not an Ed25519 public key",
-                });
-            }
-            keys.push(ServerKey {
-                kid: kid.to_owned(),
-                x: x.to_owned(),
-            });
+            keys.extend(ServerKey::from_jwk(entry, index)?);
         }
         if keys.is_empty() {
             return Err(KeysError::NoUsableKey);
@@ -144,13 +156,11 @@ impl ServerKeys {
         offered: &[Value],
         endorsements: &[nexus_api::KeyEndorsementView],
     ) -> Vec<String> {
-        // Malformed offers and other key types are skipped, as in `from_jwks`.
+        // Malformed offers and other key types are skipped.
         let candidates: Vec<ServerKey> = offered
             .iter()
-            .filter_map(|jwk| {
-                let set = serde_json::json!({ "keys": [jwk] });
-                ServerKeys::from_jwks(&set).ok()?.keys.into_iter().next()
-            })
+            .enumerate()
+            .filter_map(|(index, jwk)| ServerKey::from_jwk(jwk, index).ok().flatten())
             .collect();
         let mut adopted = Vec::new();
         loop {
@@ -165,7 +175,7 @@ impl ServerKeys {
                             .keys
                             .iter()
                             .find(|k| k.kid == e.signed_by)
-                            .and_then(|signer| nexus_auth::jwt::verifying_key_from_jwk_x(&signer.x))
+                            .and_then(ServerKey::verifying_key)
                             .is_some_and(|signer| {
                                 nexus_auth::jwt::verify_endorsement(
                                     &signer,
@@ -189,8 +199,7 @@ impl ServerKeys {
 
     /// Checks a detached base64url signature by the key `kid`; `None` when `kid` is unknown.
     pub fn verify(&self, kid: &str, message: &[u8], signature: &str) -> Option<bool> {
-        let key = self.keys.iter().find(|k| k.kid == kid)?;
-        let vk = nexus_auth::jwt::verifying_key_from_jwk_x(&key.x)?;
+        let vk = self.keys.iter().find(|k| k.kid == kid)?.verifying_key()?;
         Some(nexus_auth::jwt::verify_detached_with(
             &vk, message, signature,
         ))

@@ -20,20 +20,6 @@ use crate::config::AgentConfig;
 use crate::credentials::{self, Credentials};
 use crate::runner::{self, Paths, RunError};
 
-/// The command types this agent knows (reported as capabilities at pairing, minus those the
-/// local policy disables).
-pub const COMMAND_TYPES: [&str; 9] = [
-    "system.say",
-    "system.info",
-    "os.open_url",
-    "os.open_app",
-    "fs.list",
-    "fs.read",
-    "fs.write",
-    "fs.delete",
-    "shell.exec",
-];
-
 /// How often `pair` asks whether the code was confirmed.
 const PAIR_POLL: Duration = Duration::from_secs(2);
 
@@ -390,7 +376,7 @@ async fn pair_device(files: &Files, args: PairArgs) -> anyhow::Result<()> {
             .device_type
             .clone()
             .unwrap_or_else(|| format!("{}_companion", std::env::consts::OS)),
-        capabilities: COMMAND_TYPES
+        capabilities: crate::executors::EXECUTOR_TYPES
             .iter()
             .filter(|t| !policy.is_disabled(t))
             .map(|t| (*t).to_owned())

@@ -98,7 +98,7 @@ pub struct Journal {
 }
 
 fn now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    nexus_domain::time::rfc3339(nexus_domain::time::now_millis())
 }
 
 impl Journal {

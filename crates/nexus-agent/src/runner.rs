@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use nexus_api::HeartbeatRequest;
-use nexus_domain::{DeviceCommand, DeviceId, Risk};
+use nexus_domain::{DeviceCommand, DeviceId};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -300,14 +300,7 @@ fn command_info(cmd: &DeviceCommand) -> CommandInfo {
         command_type: cmd.command_type.clone(),
         correlation_id: cmd.client_context.correlation_id.clone(),
         session_id: cmd.client_context.session_id.clone(),
-        risk: Some(
-            match cmd.policy.risk {
-                Risk::Green => "green",
-                Risk::Yellow => "yellow",
-                Risk::Red => "red",
-            }
-            .to_owned(),
-        ),
+        risk: Some(cmd.policy.risk.lowercase().to_owned()),
     }
 }
 

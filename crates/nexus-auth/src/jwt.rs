@@ -19,9 +19,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+/// Public keys, as the verifying helpers below take them.
+pub use ed25519_dalek::VerifyingKey;
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
 use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey};
-use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -420,8 +422,12 @@ impl KeyRing {
 
     /// The public keys as a JWK Set (RFC 7517/8037), for `/.well-known/jwks.json`.
     pub fn jwks(&self) -> serde_json::Value {
-        let keys: Vec<serde_json::Value> = self
-            .keys
+        serde_json::json!({ "keys": self.public_jwks() })
+    }
+
+    /// The public keys as JWKs, newest first.
+    pub fn public_jwks(&self) -> Vec<serde_json::Value> {
+        self.keys
             .iter()
             .map(|k| {
                 serde_json::json!({
@@ -433,8 +439,7 @@ impl KeyRing {
                     "use": "sig",
                 })
             })
-            .collect();
-        serde_json::json!({ "keys": keys })
+            .collect()
     }
 }
 

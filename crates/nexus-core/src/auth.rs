@@ -156,11 +156,7 @@ impl AuthService {
     /// The public keys (JWKs, newest first) and their endorsements by older keys.
     pub fn server_keys(&self) -> (Vec<serde_json::Value>, Vec<nexus_auth::jwt::KeyEndorsement>) {
         match self.keys.read() {
-            Ok(keys) => {
-                let jwks = keys.jwks();
-                let list = jwks["keys"].as_array().cloned().unwrap_or_default();
-                (list, keys.endorsements())
-            }
+            Ok(keys) => (keys.public_jwks(), keys.endorsements()),
             Err(_) => (Vec::new(), Vec::new()),
         }
     }
@@ -690,7 +686,7 @@ impl AuthService {
     ) -> CoreResult<()> {
         let not_found = || CoreError::not_found("session_not_found", "no such session");
         let session = self.store.auth_session(id).await?.ok_or_else(not_found)?;
-        if session.user_id != principal.user_id || !session.is_active(now) {
+        if !session.is_active_for(&principal.user_id, now) {
             return Err(not_found());
         }
         let audit = self
@@ -957,7 +953,7 @@ impl AuthService {
             .store
             .session_access(&ticket.auth_session, &ticket.tenant)
             .await?
-            .filter(|(s, _)| s.is_active(now) && s.user_id == ticket.user_id)
+            .filter(|(s, _)| s.is_active_for(&ticket.user_id, now))
             .ok_or_else(invalid)?;
         Ok((
             Principal {
@@ -984,10 +980,7 @@ impl AuthService {
                 .session_access(&principal.session_id, tenant)
                 .await?
             {
-                Some((session, role)) => (
-                    session.user_id == principal.user_id && session.is_active(now),
-                    role,
-                ),
+                Some((session, role)) => (session.is_active_for(&principal.user_id, now), role),
                 None => (false, None),
             },
         )

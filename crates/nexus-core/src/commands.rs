@@ -312,14 +312,7 @@ impl CommandService {
                         "this command_id was already used for a different command",
                     ));
                 }
-                let approval = match &existing.approval_id {
-                    Some(aid) => self.store.approval(tenant, aid).await?,
-                    None => None,
-                };
-                Ok(Proposed {
-                    record: existing,
-                    approval,
-                })
+                self.with_approval(tenant, existing).await
             }
             Created::New(record) => {
                 self.publish(&record, approval.as_ref(), now).await;
@@ -651,11 +644,20 @@ impl CommandService {
         else {
             return Ok(None);
         };
+        Ok(Some(self.with_approval(tenant, record).await?))
+    }
+
+    /// A command together with its approval, if it has one.
+    async fn with_approval(
+        &self,
+        tenant: &TenantId,
+        record: CommandRecord,
+    ) -> CoreResult<Proposed> {
         let approval = match &record.approval_id {
             Some(aid) => self.store.approval(tenant, aid).await?,
             None => None,
         };
-        Ok(Some(Proposed { record, approval }))
+        Ok(Proposed { record, approval })
     }
 
     fn waiter(&self, device: &DeviceId) -> Option<Arc<Notify>> {
@@ -702,10 +704,14 @@ impl CommandService {
         let wait = wait.min(MAX_WAIT);
         let deadline = tokio::time::Instant::now() + wait;
         let notify = self.waiter(&device.device_id);
+        // Read once per pull, not on every wake-up of the wait.
+        let execution_timeout = secs(self.policy(&device.tenant).await?.execution_timeout_secs);
         loop {
             // Register interest before reading, so a command queued in between still wakes us.
             let notified = notify.as_ref().map(|n| n.notified());
-            let delivered = self.deliver(device, after, now()).await?;
+            let delivered = self
+                .deliver(device, after, now(), execution_timeout)
+                .await?;
             if !delivered.commands.is_empty() || tokio::time::Instant::now() >= deadline {
                 return Ok(delivered);
             }
@@ -727,10 +733,10 @@ impl CommandService {
         device: &AuthenticatedDevice,
         after: i64,
         now: Millis,
+        execution_timeout: Millis,
     ) -> CoreResult<Pulled> {
         let mut deliveries = Vec::new();
-        let policy = self.policy(&device.tenant).await?;
-        let execution_deadline = now.saturating_add(secs(policy.execution_timeout_secs));
+        let execution_deadline = now.saturating_add(execution_timeout);
         for delivery in self
             .store
             .deliver_commands(

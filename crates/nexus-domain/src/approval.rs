@@ -8,7 +8,6 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use crate::command::Risk;
 use crate::identity::UserId;
@@ -354,9 +353,11 @@ pub fn approval_signing_input(
         "params": params,
         "type": command_type,
     });
-    let mut out = String::from("nexus-approval-v1\n");
-    crate::canonical::write_canonical(&body, &mut out);
-    out.into_bytes()
+    format!(
+        "nexus-approval-v1\n{}",
+        crate::canonical::to_canonical(&body)
+    )
+    .into_bytes()
 }
 
 /// SHA-256 (hex) of a proposal body, for idempotency checks.
@@ -372,9 +373,7 @@ pub fn request_hash(
         "params": params,
         "session_id": session,
     });
-    let mut out = String::new();
-    crate::canonical::write_canonical(&body, &mut out);
-    hex::encode(Sha256::digest(out.as_bytes()))
+    crate::canonical::sha256_hex(&body)
 }
 
 #[cfg(test)]

@@ -7,7 +7,6 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use crate::identity::OrgId;
 use crate::tenant::TenantId;
@@ -219,9 +218,7 @@ pub fn entry_hash(id: &str, seq: u64, record: &AuditRecord, prev_hash: &str) -> 
         "details": record.details,
         "prev_hash": prev_hash,
     });
-    let mut canonical = String::new();
-    crate::canonical::write_canonical(&body, &mut canonical);
-    hex::encode(Sha256::digest(canonical.as_bytes()))
+    crate::canonical::sha256_hex(&body)
 }
 
 /// The first place a chain does not hold.

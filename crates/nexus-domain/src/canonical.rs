@@ -42,3 +42,9 @@ pub fn to_canonical(value: &Value) -> String {
     write_canonical(value, &mut out);
     out
 }
+
+/// SHA-256 (lowercase hex) of the canonical form: a stable fingerprint of a JSON value.
+pub fn sha256_hex(value: &Value) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(to_canonical(value).as_bytes()))
+}

@@ -388,6 +388,11 @@ impl AuthSession {
     pub fn is_active(&self, now: Millis) -> bool {
         self.revoked_at.is_none() && now < self.expires_at
     }
+
+    /// Active, and `user`'s (a token or ticket naming another user than its session is void).
+    pub fn is_active_for(&self, user: &UserId, now: Millis) -> bool {
+        self.user_id == *user && self.is_active(now)
+    }
 }
 
 /// A one-time ticket that lets a browser's EventSource (which cannot send headers) open one

@@ -19,7 +19,6 @@ use std::sync::Arc;
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use nexus_core::Services;
 use nexus_core::bus::{EventBus, LocalOnly};
-use nexus_core::hub::Hub;
 use nexus_store::Store;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -109,24 +108,53 @@ pub async fn launch(
         attempts,
     );
     bootstrap(&services, &config).await?;
-    spawn_key_reload(
-        services.auth.clone(),
-        keys_dir,
-        config.keys_reload_interval,
-        lifecycle.streams_closing.clone(),
+    let stop = lifecycle.streams_closing.clone();
+    let zero = std::time::Duration::ZERO;
+    // Rotated key files (`nexus admin keys rotate`) are picked up without a restart.
+    let (auth, period) = (services.auth.clone(), config.keys_reload_interval);
+    spawn_every(period, period, stop.clone(), move || {
+        reload_keys(auth.clone(), keys_dir.clone())
+    });
+    // Expires approvals nobody decided (auto-deny) and times out commands within a second of
+    // their deadline, whether or not anyone asks. Every replica sweeps; each change is a
+    // compare-and-set, so they never double up.
+    let commands = services.commands.clone();
+    spawn_every(
+        zero,
+        nexus_core::commands::SWEEP_EVERY,
+        stop.clone(),
+        move || {
+            let commands = commands.clone();
+            async move {
+                if let Err(e) = commands.sweep(nexus_domain::time::now_millis()).await {
+                    tracing::warn!(error = %e, "command sweeper failed; retrying");
+                }
+            }
+        },
     );
-    spawn_sweeper(services.commands.clone(), lifecycle.streams_closing.clone());
-    spawn_housekeeping(
-        services.housekeeping.clone(),
+    // Deletes ended pairings, tokens and sessions (`nexus_core::housekeeping`).
+    let housekeeping = services.housekeeping.clone();
+    spawn_every(
+        zero,
         config.housekeeping_interval,
-        lifecycle.streams_closing.clone(),
+        stop.clone(),
+        move || {
+            let housekeeping = housekeeping.clone();
+            async move {
+                if let Err(e) = housekeeping.prune(nexus_domain::time::now_millis()).await {
+                    tracing::warn!(error = %e, "housekeeping failed; trying again later");
+                }
+            }
+        },
     );
     if replicated {
-        spawn_resync(
-            services.hub.clone(),
-            config.resync_interval,
-            lifecycle.streams_closing.clone(),
-        );
+        // A lost bus message is only noticed when a later event of its session arrives; this
+        // bounds how long a quiet session can miss one.
+        let hub = services.hub.clone();
+        spawn_every(zero, config.resync_interval, stop, move || {
+            let hub = hub.clone();
+            async move { hub.resync_all().await }
+        });
     }
     let state = AppState {
         services,
@@ -180,82 +208,49 @@ async fn load_data_key(dir: std::path::PathBuf) -> anyhow::Result<nexus_auth::se
     .await?
 }
 
+/// First start on an empty store: org `default`, project `default` and an admin.
+/// Runs `task` every `period` until `stop`, the first time after `first`. A run that outlasts
+/// the period delays the next one instead of letting runs pile up.
+fn spawn_every<F, Fut>(
+    first: std::time::Duration,
+    period: std::time::Duration,
+    stop: CancellationToken,
+    mut task: F,
+) where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        let period = period.max(std::time::Duration::from_millis(100));
+        let mut every = tokio::time::interval_at(tokio::time::Instant::now() + first, period);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = every.tick() => task().await,
+            }
+        }
+    });
+}
+
 /// Picks up rotated key files (`nexus admin keys rotate`, or a re-mounted secret) without a
 /// restart; tokens signed by keys still in the directory stay valid.
-fn spawn_key_reload(
-    auth: nexus_core::auth::AuthService,
-    dir: std::path::PathBuf,
-    interval: std::time::Duration,
-    stop: CancellationToken,
-) {
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(interval.max(std::time::Duration::from_millis(100)));
-        every.tick().await;
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = every.tick() => {}
-            }
-            let dir = dir.clone();
-            let reloaded =
-                tokio::task::spawn_blocking(move || nexus_auth::jwt::KeyRing::load(&dir)).await;
-            match reloaded {
-                Ok(Ok(Some(ring))) => auth.replace_keys(ring),
-                Ok(Ok(None)) => {
-                    tracing::warn!("the signing key directory is empty; keeping the current keys")
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "reloading signing keys failed; keeping the current ones")
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "reloading signing keys failed; keeping the current ones")
-                }
-            }
+async fn reload_keys(auth: nexus_core::auth::AuthService, dir: std::path::PathBuf) {
+    let reloaded = tokio::task::spawn_blocking(move || nexus_auth::jwt::KeyRing::load(&dir)).await;
+    match reloaded {
+        Ok(Ok(Some(ring))) => auth.replace_keys(ring),
+        Ok(Ok(None)) => {
+            tracing::warn!("the signing key directory is empty; keeping the current keys")
         }
-    });
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "reloading signing keys failed; keeping the current ones")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "reloading signing keys failed; keeping the current ones")
+        }
+    }
 }
 
-/// Deletes ended pairings, tokens and sessions now and then (`nexus_core::housekeeping`).
-fn spawn_housekeeping(
-    housekeeping: nexus_core::housekeeping::Housekeeping,
-    interval: std::time::Duration,
-    stop: CancellationToken,
-) {
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(interval.max(std::time::Duration::from_millis(100)));
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = every.tick() => {}
-            }
-            if let Err(e) = housekeeping.prune(nexus_domain::time::now_millis()).await {
-                tracing::warn!(error = %e, "housekeeping failed; trying again later");
-            }
-        }
-    });
-}
-
-/// Expires approvals nobody decided (auto-deny) and times out commands, within a second of
-/// their deadline and whether or not anyone asks. Every replica runs one; each change is a
-/// compare-and-set, so they never double up.
-fn spawn_sweeper(commands: nexus_core::commands::CommandService, stop: CancellationToken) {
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(nexus_core::commands::SWEEP_EVERY);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = every.tick() => {}
-            }
-            if let Err(e) = commands.sweep(nexus_domain::time::now_millis()).await {
-                tracing::warn!(error = %e, "command sweeper failed; retrying");
-            }
-        }
-    });
-}
-
-/// First start on an empty store: org `default`, project `default` and an admin.
 async fn bootstrap(services: &Services, config: &ServerConfig) -> anyhow::Result<()> {
     let created = services
         .accounts
@@ -306,19 +301,4 @@ fn write_secret_file(path: &std::path::Path, contents: &str) -> anyhow::Result<(
     file.write_all(contents.as_bytes())?;
     file.write_all(b"\n")?;
     Ok(())
-}
-
-/// With several replicas a lost bus message is only noticed when a later event arrives; this
-/// bounds how long a session's newest event can stay unseen on this replica.
-fn spawn_resync(hub: Hub, every: std::time::Duration, stop: CancellationToken) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                _ = tick.tick() => hub.resync_all().await,
-            }
-        }
-    });
 }

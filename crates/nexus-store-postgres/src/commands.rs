@@ -21,8 +21,8 @@ use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
 
 use crate::audit::write_audit;
 use crate::rows::{
-    approval_from_row, command_record_from_row, command_status, queued_body, risk_str, tenant_from,
-    unexpected, write_error,
+    approval_from_row, command_record_from_row, command_status, queued_body, risk_str, unexpected,
+    write_error,
 };
 use crate::{PostgresStore, json_text, tenant_key};
 
@@ -398,7 +398,7 @@ pub(crate) async fn due_approvals(
         .map(|r| {
             let tenant: String = r.try_get("tenant").map_err(unexpected)?;
             Ok((
-                tenant_from(&tenant)?,
+                crate::rows::tenant(&tenant)?,
                 ApprovalId::from_trusted(r.try_get("id").map_err(unexpected)?),
             ))
         })
@@ -550,7 +550,7 @@ pub(crate) async fn due_commands(
             let tenant: String = r.try_get("tenant").map_err(unexpected)?;
             let status: String = r.try_get("status").map_err(unexpected)?;
             Ok((
-                tenant_from(&tenant)?,
+                crate::rows::tenant(&tenant)?,
                 CommandId::from_trusted(r.try_get("id").map_err(unexpected)?),
                 command_status(&status)?,
             ))

@@ -56,7 +56,7 @@ fn corrupt(what: &str, detail: impl std::fmt::Display) -> StoreError {
     StoreError::Unexpected(anyhow::anyhow!("stored {what} is invalid: {detail}"))
 }
 
-fn tenant(raw: &str) -> Result<TenantId, StoreError> {
+pub(crate) fn tenant(raw: &str) -> Result<TenantId, StoreError> {
     TenantId::parse_joined(raw).map_err(|e| corrupt("tenant", e))
 }
 
@@ -199,10 +199,6 @@ pub(crate) fn approval_from_row(r: &PgRow) -> Result<Approval, StoreError> {
 /// A queued body as the device receives it.
 pub(crate) fn queued_body(raw: &str) -> Result<DeviceCommand, StoreError> {
     serde_json::from_str(raw).map_err(|e| corrupt("queued command", e))
-}
-
-pub(crate) fn tenant_from(raw: &str) -> Result<TenantId, StoreError> {
-    tenant(raw)
 }
 
 /// Maps a failed write: uniqueness and foreign-key violations are the caller's `Conflict`.

@@ -149,10 +149,7 @@ pub async fn list(
         Some(d) => Some(DeviceId::parse("device_id", d)?),
         None => None,
     };
-    let limit = query.limit.unwrap_or(50);
-    if !(1..=200).contains(&limit) {
-        return Err(ValidationErrors::single("limit", "must be 1 to 200").into());
-    }
+    let limit = page_limit(query.limit)?;
     let before = match query.cursor.as_deref().filter(|c| !c.is_empty()) {
         Some(c) => Some(c.parse::<i64>().map_err(|_| {
             ValidationErrors::single("cursor", "must be a next_cursor value from a previous page")
@@ -255,10 +252,7 @@ pub async fn approvals(
         })?),
         None => None,
     };
-    let limit = query.limit.unwrap_or(50);
-    if !(1..=200).contains(&limit) {
-        return Err(ValidationErrors::single("limit", "must be 1 to 200").into());
-    }
+    let limit = page_limit(query.limit)?;
     let approvals = state
         .services
         .commands
@@ -367,4 +361,14 @@ pub async fn put_policy(
         .put_policy(&access.principal, &access.tenant, body, &meta, now_millis())
         .await?;
     Ok(Json(saved))
+}
+
+/// `?limit=` of the list endpoints: 50 unless given, 1 to 200.
+fn page_limit(limit: Option<u32>) -> Result<u32, ValidationErrors> {
+    let limit = limit.unwrap_or(50);
+    if (1..=200).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(ValidationErrors::single("limit", "must be 1 to 200"))
+    }
 }
